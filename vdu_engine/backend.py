@@ -1,0 +1,134 @@
+"""What the engine needs from a model, and nothing more.
+
+A backend presents one loaded Stable Diffusion model to the engine: a denoiser, its noise
+schedule and prediction type, image and text encoders, and the layers that may be adapted,
+each with the kohya LoRA key it maps to. The engine never imports diffusers pipelines or
+ComfyUI directly; `diffusers_backend.py` and `nodes/comfy_backend.py` implement this class.
+
+Conventions shared by every backend:
+- latents are already multiplied by the VAE scaling factor (what the UNet sees);
+- timesteps are integer DDPM indices in [0, num_train_timesteps);
+- `Cond` is a dict of tensors batched on dim 0 ("context" always; SDXL adds "pooled" and
+  "time_ids"), so the engine can index, repeat and concatenate it without knowing its keys.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+Cond = Dict[str, torch.Tensor]
+
+
+def cond_index(cond: Cond, index) -> Cond:
+    """Rows `index` of every tensor in a conditioning dict."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditioning dicts along the batch dimension."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+@dataclass
+class NoiseSchedule:
+    """The DDPM forward process of the model and what its network predicts."""
+
+    alphas_cumprod: torch.Tensor  # [T], float32, on CPU
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor):
+        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
+        a = a.view(-1, *([1] * (like.dim() - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε."""
+        s, n = self._coefs(t, x0)
+        return s * x0 + n * eps
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output: ε, or v = sqrt(ᾱ) ε − sqrt(1 − ᾱ) x0."""
+        if self.prediction_type == "epsilon":
+            return eps
+        s, n = self._coefs(t, x0)
+        return s * eps - n * x0
+
+    def pred_to_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε implied by a network output (identity for epsilon models)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        s, n = self._coefs(t, x_t)
+        return s * pred + n * x_t
+
+
+@dataclass
+class AdaptTarget:
+    """One layer the engine may attach a low-rank delta to."""
+
+    key: str  # kohya LoRA key, e.g. "lora_unet_down_blocks_0_attentions_0_..._attn1_to_q"
+    component: str  # "unet", "te1" (CLIP-L / only text encoder) or "te2" (SDXL OpenCLIP-G)
+    path: str  # diffusers module path inside that component, e.g. "mid_block.attentions.0..."
+    module: nn.Module  # an nn.Linear or nn.Conv2d (subclasses allowed); never modified
+
+
+class Backend(ABC):
+    """A loaded model as the engine sees it. Implementations must not modify the user's model:
+    the engine only attaches forward hooks to `AdaptTarget.module`s and removes them after."""
+
+    #: "sd_v1", "sd_v2", "sdxl_base_v1-0" (written as ss_base_model_version)
+    base_model_version: str
+    schedule: NoiseSchedule
+    device: torch.device
+    dtype: torch.dtype  # dtype the denoiser runs in
+    #: default training resolution in pixels (512 for SD1, 768 for SD2-v, 1024 for SDXL)
+    resolution: int
+    #: a string that identifies the weights (used to key the Fisher cache)
+    model_hash: str
+
+    @abstractmethod
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw output (ε or v) for noisy latents x_t at timesteps t."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] → scaled latents [B, C, H/8, W/8] (no grad)."""
+
+    @abstractmethod
+    def encode_text(self, prompts: List[str]) -> Cond:
+        """Prompts → conditioning. Called under no_grad unless text-encoder layers are
+        adapted, in which case gradients must flow through it."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images [B, 3, H, W] in [0, 1] (no grad)."""
+
+    @abstractmethod
+    def targets(self) -> List[AdaptTarget]:
+        """Every Linear/Conv2d of the UNet and text encoder(s) a LoRA may adapt."""
+
+    def latent_shape(self, resolution: int) -> tuple:
+        return (4, resolution // 8, resolution // 8)
+
+    @abstractmethod
+    def parameters(self) -> List[nn.Parameter]:
+        """Every weight of the denoiser and text encoder(s). The engine sets requires_grad
+        False on them while it trains (so no gradient is computed for frozen weights) and
+        restores each flag afterwards."""
+
+    def generate(self, prompts: List[str], seed: int, steps: int = 20, guidance: float = 7.5,
+                 resolution: int | None = None) -> torch.Tensor:
+        """Sample images [B, 3, H, W] in [0, 1] from the model itself, with the LoRAs the
+        engine has attached at the time of the call. The default runs DDIM with classifier-
+        free guidance on top of `denoise`; a backend may use its own sampler instead."""
+        from .sampling import ddim_sample
+        return ddim_sample(self, prompts, seed=seed, steps=steps, guidance=guidance,
+                           resolution=resolution or self.resolution)

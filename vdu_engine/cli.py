@@ -1,0 +1,139 @@
+"""`vdu` / `python -m vdu_engine`: unlearn a concept into a LoRA, and render before/after grids."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import re
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .config import UnlearnConfig
+from .errors import VDUError
+
+
+def _field_help() -> dict:
+    """The comment after each UnlearnConfig field is its help text (one source of truth)."""
+    src = inspect.getsource(UnlearnConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", src, re.M)}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    for f in fields(UnlearnConfig):
+        if f.name == "concept":
+            continue  # declared with --images below
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        h = helps.get(f.name, "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
+        elif isinstance(default, list):
+            p.add_argument(flag, nargs="+", default=default, metavar="TEXT", help=h)
+        else:
+            typ = type(default) if default is not None else (int if "int" in str(f.type) else str)
+            p.add_argument(flag, type=typ, default=default, help=h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vdu", description="Make a Stable Diffusion model forget a concept, as a LoRA.")
+    top.add_argument("--version", action="version", version=f"vdu-unlearn {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    u = sub.add_parser("unlearn", help="train an unlearning LoRA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_flags(u)
+    src = u.add_argument_group("what to forget (images, a prompt, or both)")
+    src.add_argument("--images", metavar="DIR", help="folder of png/jpg/webp images of the concept; a .txt beside an image is its caption")
+    src.add_argument("--concept", default="", metavar="TEXT", help="prompt naming the concept; without --images the model generates --num-images of it")
+    u.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors, kohya format)")
+    u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_config_flags(u.add_argument_group("training"))
+
+    s = sub.add_parser("sample", help="render prompts with and without a LoRA, side by side",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_flags(s)
+    s.add_argument("--lora", required=True, metavar="FILE", help="LoRA file (kohya format)")
+    s.add_argument("--prompts", nargs="+", required=True, metavar="TEXT", help="one grid column per prompt")
+    s.add_argument("--out", required=True, metavar="FILE", help="PNG to write")
+    s.add_argument("--per-prompt", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    s.add_argument("--strength", type=float, default=1.0, help="LoRA strength")
+    s.add_argument("--seed", type=int, default=0, help="first seed")
+    s.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--resolution", type=int, default=None, help="pixels (None: the model's native resolution)")
+    return top
+
+
+def _model_flags(p):
+    p.add_argument("model", help="diffusers pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint")
+    p.add_argument("--config-dir", metavar="DIR", help="for a single-file checkpoint: a diffusers folder of the same architecture, for its configs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="dtype of the frozen model (None: as stored); LoRA weights stay float32")
+
+
+def _backend(args):
+    import torch
+    from .diffusers_backend import DiffusersBackend
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return DiffusersBackend.load(args.model, args.config_dir, device=args.device, dtype=dtype)
+
+
+def cmd_unlearn(args) -> int:
+    from tqdm import tqdm
+    from .data import ForgetSet
+    from .saving import check_output_path
+    from .train import unlearn
+    cfg = UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig)}).validate()
+    out = check_output_path(args.out, args.overwrite)  # fail before hours of work, not after
+    forget = ForgetSet.from_folder(args.images) if args.images else None
+    backend = _backend(args)
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.objective}", unit="step")
+
+    def progress(step, total, terms):
+        bar.update(step - bar.n)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
+    try:
+        result = unlearn(backend, cfg, forget, progress=progress)
+    finally:
+        bar.close()
+    result.save(out, overwrite=args.overwrite)
+    print(f"wrote {out} ({len(result.lora) // 3} layers, {result.metadata['vdu_steps']} steps)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .grid import before_after_grid
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise VDUError(f"output directory {out.parent} does not exist; create it or pass another --out")
+    if not Path(args.lora).is_file():
+        raise VDUError(f"LoRA file {args.lora} does not exist; pass the .safetensors that `vdu unlearn` wrote")
+    backend = _backend(args)
+    img = before_after_grid(backend, args.lora, args.prompts, seed=args.seed, per_prompt=args.per_prompt,
+                            steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+                            strength=args.strength)
+    img.save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"unlearn": cmd_unlearn, "sample": cmd_sample}[args.command](args)
+    except VDUError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The settings of one unlearning run, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional
+
+from .errors import VDUError
+from .layers import DEFAULT_PRESET, PRESETS
+
+OBJECTIVES = ("vdu", "esd", "score_align", "gradient_ascent")
+PRIORS = ("isotropic", "fisher", "ensemble")
+
+
+@dataclass
+class UnlearnConfig:
+    """Every knob of a run. Field comments are the CLI's help text."""
+
+    objective: str = "vdu"  # vdu | esd | score_align | gradient_ascent
+    concept: str = ""  # prompt naming the concept: caption of images without a .txt, and the prompt of prompt-only runs
+    anchor: str = ""  # safe prompt the concept should turn into (score_align; "" = unconditional)
+    steps: int = 200  # optimisation steps
+    rank: int = 4  # LoRA rank
+    alpha: float = 4.0  # LoRA alpha (scale = alpha / rank)
+    lr: float = 1e-3  # AdamW learning rate of the LoRA factors
+    batch_size: int = 4  # forget images per step
+    gamma: float = 0.5  # VDU weight of the stability regularizer (1 − gamma weighs the plasticity inducer)
+    prior: str = "fisher"  # isotropic | fisher | ensemble: variance of the Gaussian prior over weights
+    prior_sigma: float = 0.01  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
+    ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
+    fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
+    fisher_prompts: List[str] = field(default_factory=lambda: [""])  # prompts for those images ("" = unconditional)
+    variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
+    bound: float = 3.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
+    stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
+    t_min: float = 0.0  # lowest timestep trained, as a fraction of the schedule
+    t_max: float = 1.0  # highest timestep trained, as a fraction of the schedule
+    esd_eta: float = 1.0  # ESD negative-guidance strength
+    layers: str = DEFAULT_PRESET  # cross_attention | attention | attention_ff | all
+    train_text_encoder: bool = False  # also adapt the text encoder(s)
+    resolution: Optional[int] = None  # training resolution in pixels (default: the model's native one)
+    num_images: int = 16  # prompt-only mode: forget images generated with the model itself
+    sample_steps: int = 20  # sampler steps when the model generates images
+    guidance: float = 7.5  # classifier-free guidance when the model generates images
+    seed: int = 0  # seeds noise, timesteps, LoRA init and generated images
+    cache_dir: Optional[str] = None  # where the Fisher prior is cached (default ~/.cache/vdu-unlearn)
+
+    def validate(self) -> "UnlearnConfig":
+        def bad(name, why):
+            raise VDUError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.prior not in PRIORS:
+            bad("prior", f"{self.prior!r} is not one of {', '.join(PRIORS)}")
+        if self.layers not in PRESETS:
+            bad("layers", f"{self.layers!r} is not one of {', '.join(PRESETS)}")
+        for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("num_images", 1),
+                         ("fisher_samples", 1), ("sample_steps", 1)):
+            if int(getattr(self, name)) < lo:
+                bad(name, f"must be at least {lo}, got {getattr(self, name)}")
+        for name in ("lr", "alpha", "prior_sigma", "bound"):
+            if not float(getattr(self, name)) > 0:
+                bad(name, f"must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.gamma < 1.0:
+            bad("gamma", f"must be in [0, 1) (1 leaves nothing to forget), got {self.gamma}")
+        if not 0.0 <= self.stop_when_bounded <= 1.0:
+            bad("stop_when_bounded", f"must be in [0, 1], got {self.stop_when_bounded}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            bad("t_min", f"need 0 ≤ t-min < t-max ≤ 1, got {self.t_min} and {self.t_max}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        if self.objective in ("esd", "score_align") and not self.concept.strip():
+            bad("concept", f"the {self.objective} objective needs the concept prompt; pass --concept TEXT")
+        if self.prior == "ensemble" and self.objective == "vdu" and not self.ensemble:
+            bad("ensemble", "prior=ensemble needs at least one other checkpoint; pass --ensemble PATH")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in fields(cls)]
