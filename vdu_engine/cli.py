@@ -91,6 +91,8 @@ def cmd_unlearn(args) -> int:
     cfg = UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig)}).validate()
     out = check_output_path(args.out, args.overwrite)  # fail before hours of work, not after
     forget = ForgetSet.from_folder(args.images) if args.images else None
+    if forget:
+        forget.captions_for(cfg.concept)
     backend = _backend(args)
     bar = tqdm(total=cfg.steps, desc=f"{cfg.objective}", unit="step")
 

@@ -81,6 +81,13 @@ class ForgetSet:
         captions = list(captions) if captions is not None else [None] * len(x)
         return cls([xi.clamp(0, 1) for xi in x], captions)
 
+    def captions_for(self, concept: str) -> List[str]:
+        """Each image's caption, the concept prompt where it has none."""
+        captions = [c or concept for c in self.captions]
+        if not all(c.strip() for c in captions):
+            raise VDUError("some forget images have no .txt caption and no concept prompt was given; pass --concept TEXT")
+        return captions
+
     def pixels(self, resolution: int) -> torch.Tensor:
         """All images as one batch [N, 3, r, r] in [-1, 1]: shorter side to r, centre crop."""
         out = []

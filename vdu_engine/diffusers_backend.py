@@ -85,7 +85,7 @@ class DiffusersBackend(Backend):
         if path.suffix not in (".safetensors", ".ckpt"):
             raise VDUError(f"{path} is not a Stable Diffusion checkpoint (.safetensors or .ckpt)")
         if not config_dir:
-            raise VDUError(f"{path.name} is a single-file checkpoint: pass --config DIR, a diffusers folder "
+            raise VDUError(f"{path.name} is a single-file checkpoint: pass --config-dir DIR, a diffusers folder "
                            "of the same architecture, for its configs (nothing is downloaded)")
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         name = json.loads((Path(config_dir) / "model_index.json").read_text()).get("_class_name", "")
@@ -95,7 +95,7 @@ class DiffusersBackend(Backend):
                                              **({"torch_dtype": dtype} if dtype else {}))
         except Exception as e:
             raise VDUError(f"{path.name} could not be read as a {name or 'Stable Diffusion'} checkpoint "
-                           f"({type(e).__name__}); check the file and --config") from None
+                           f"({type(e).__name__}); check the file and --config-dir") from None
         return cls.from_pipeline(pipe, device=device, dtype=dtype)
 
     # --- the Backend contract -----------------------------------------------------------

@@ -70,9 +70,7 @@ def _forget_latents(backend, cfg, forget, resolution):
         return lat, prompts
     if len(forget) == 0:
         raise VDUError("the forget set is empty; add images of the concept")
-    captions = [c or cfg.concept for c in forget.captions]
-    if not all(c.strip() for c in captions):
-        raise VDUError("some forget images have no .txt caption and no concept prompt was given; pass --concept TEXT")
+    captions = forget.captions_for(cfg.concept)
     pixels = forget.pixels(resolution)
     with torch.no_grad():
         lat = torch.cat([backend.encode_images(pixels[i:i + 8].to(backend.device))

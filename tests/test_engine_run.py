@@ -1,0 +1,114 @@
+"""Whole runs on tiny SD 1.x, SD 2.x (v-prediction) and SDXL models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vdu_engine import DiffusersBackend, ForgetSet, unlearn
+from vdu_engine.objectives import denoising_error, esd_loss, score_align_loss
+
+
+def _fixed_batch(b, seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((n, 4, 8, 8), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.linspace(50, 950, n).long()
+    return x0, eps, t, b.schedule.add_noise(x0, eps, t)
+
+
+@torch.no_grad()
+def _objective_value(b, objective, network, cfg, batch):
+    """The objective's own target on a fixed batch, with the trained LoRA on or off."""
+    x0, eps, t, x_t = batch
+    c = b.encode_text([cfg.concept] * len(x0))
+    rows = lambda p: {k: v.expand(len(x0), *v.shape[1:]) for k, v in b.encode_text([p]).items()}
+    with network.attached():
+        network.eval()
+        pred = b.denoise(x_t, t, c)
+        with network.disabled():
+            f_c, f_u, f_a = b.denoise(x_t, t, c), b.denoise(x_t, t, rows("")), b.denoise(x_t, t, rows(cfg.anchor))
+    if objective in ("vdu", "gradient_ascent"):
+        return -denoising_error(pred, b.schedule.target(x0, eps, t)).mean()  # lower = more forgotten
+    if objective == "esd":
+        return esd_loss(pred, f_c, f_u, cfg.esd_eta)
+    return score_align_loss(pred, f_a)
+
+
+@pytest.mark.parametrize("objective", ["vdu", "esd", "score_align", "gradient_ascent"])
+def test_each_objective_lowers_its_own_target(objective, tiny_sd1, fast_config):
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    cfg = fast_config(objective=objective, steps=25, lr=2e-3, num_images=4, stop_when_bounded=0,
+                      prior="isotropic", prior_sigma=1.0, bound=100.0)
+    result = unlearn(b, cfg)
+    assert len(result.history) == 25
+    batch = _fixed_batch(b)
+    after = _objective_value(b, objective, result.network, cfg, batch)
+    with torch.no_grad():
+        for layer in result.network.layers.values():
+            layer.up.zero_()  # ΔW = 0: the model as loaded
+    before = _objective_value(b, objective, result.network, cfg, batch)
+    assert after < before - 1e-4, (objective, before.item(), after.item())
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2v", "sdxl"])
+@pytest.mark.parametrize("prior", ["isotropic", "fisher"])
+def test_runs_on_each_architecture_and_leaves_the_model_untouched(kind, prior, tiny_models, fast_config, red_images):
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(tiny_models[kind], local_files_only=True)
+    b = DiffusersBackend.from_pipeline(pipe, device="cpu")
+    assert b.schedule.prediction_type == ("v_prediction" if kind == "sd2v" else "epsilon")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    cond = b.encode_text(["a red circle"])
+    with torch.no_grad():
+        out_before = b.denoise(x, t, cond)
+    result = unlearn(b, fast_config(prior=prior, steps=3), ForgetSet.from_folder(red_images))
+    assert result.metadata["vdu_num_forget_images"] == "4"
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert [p.requires_grad for p in pipe.unet.parameters()] == flags
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert not any(m._forward_hooks for m in pipe.unet.modules())
+    with torch.no_grad():
+        assert torch.equal(b.denoise(x, t, cond), out_before)  # bit-identical outputs
+
+
+def test_fisher_prior_is_cached_on_disk(tiny_sd1, fast_config):
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    cfg = fast_config(prior="fisher", steps=2)
+    r1 = unlearn(b, cfg)
+    cached = list(Path(cfg.cache_dir).glob("fisher-*.safetensors"))
+    assert len(cached) == 1
+    r2 = unlearn(b, cfg)
+    assert r2.timings["prior"] < r1.timings["prior"]  # loaded, not recomputed
+    for k in r1.lora:  # and the run is the same (to float rounding)
+        torch.testing.assert_close(r1.lora[k], r2.lora[k])
+
+
+def test_variational_posterior_trains_and_exports_the_mean(tiny_sd1, fast_config):
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    result = unlearn(b, fast_config(variational=True, prior="isotropic", steps=5, lr=1e-2))
+    layer = next(iter(result.network.layers.values()))
+    assert layer.variational and layer.down_log_std.grad is not None
+    key = next(iter(result.network.layers))
+    assert torch.equal(result.lora[f"{key}.lora_down.weight"], layer.down.detach())
+    assert result.metadata["vdu_variational"] == "true"
+
+
+def test_stop_rule_ends_the_run_when_the_forget_set_is_at_its_bound(tiny_sd1, fast_config):
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    # A bound below the frozen model's own error: every sample is already "forgotten".
+    result = unlearn(b, fast_config(steps=50, bound=1e-6, stop_when_bounded=0.5, prior="isotropic"))
+    assert len(result.history) < 50
+    assert result.metadata["vdu_steps"] == str(len(result.history))
+
+
+def test_progress_callback_and_should_stop(tiny_sd1, fast_config):
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    seen = []
+    result = unlearn(b, fast_config(steps=10, prior="isotropic"), progress=lambda s, n, terms: seen.append((s, n, terms)),
+                     should_stop=lambda: len(seen) >= 3)
+    assert [s for s, _, _ in seen] == [1, 2, 3] and seen[0][1] == 10
+    assert {"loss", "stability", "forget_error"} <= set(seen[0][2])
+    assert len(result.history) == 3
