@@ -39,6 +39,7 @@ class ForgetSet:
     images: List[torch.Tensor]
     captions: List[Optional[str]]
     skipped: List[str] = field(default_factory=list)  # unreadable files, with the reason
+    crop: str = "center"  # "center": shorter side to r, centre crop; "resize": squash to r × r
 
     def __len__(self) -> int:
         return len(self.images)
@@ -89,12 +90,14 @@ class ForgetSet:
         return captions
 
     def pixels(self, resolution: int) -> torch.Tensor:
-        """All images as one batch [N, 3, r, r] in [-1, 1]: shorter side to r, centre crop."""
+        """All images as one batch [N, 3, r, r] in [-1, 1], cropped or squashed per `crop`."""
         out = []
         for img in self.images:
             h, w = img.shape[1:]
             s = resolution / min(h, w)
             nh, nw = max(resolution, round(h * s)), max(resolution, round(w * s))
+            if self.crop == "resize":
+                nh = nw = resolution
             x = F.interpolate(img[None], size=(nh, nw), mode="bicubic", antialias=True,
                               align_corners=False) if (nh, nw) != (h, w) else img[None]
             top, left = (nh - resolution) // 2, (nw - resolution) // 2

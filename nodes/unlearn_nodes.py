@@ -1,0 +1,223 @@
+"""The ComfyUI nodes: thin wrappers that turn MODEL / CLIP / VAE / IMAGE into engine calls.
+
+Custom socket types: VDU_FORGET (what to forget: images or a prompt) and VDU_LORA (a trained
+kohya state dict with its metadata). Anything checkable before a run is checked in
+VALIDATE_INPUTS, so ComfyUI shows a plain message on the node instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..vdu_engine import OBJECTIVES, PRESETS, PRIORS, ForgetSet, UnlearnConfig, VDUError, unlearn
+from ..vdu_engine.layers import DEFAULT_PRESET
+
+CATEGORY = "unlearning"
+FORGET, LORA = "VDU_FORGET", "VDU_LORA"
+_DEFAULTS = UnlearnConfig()
+
+
+def _folder_problem(folder: str):
+    try:
+        ForgetSet.from_folder(folder)
+    except VDUError as e:
+        return str(e)
+    return None
+
+
+class VDUForgetImages:
+    DESCRIPTION = "Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) or an IMAGE batch."
+    RETURN_TYPES = (FORGET,)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+                    "folder": ("STRING", {"default": "", "tooltip": "Folder of images of the concept; leave empty to use the images input."}),
+                    "concept": ("STRING", {"default": "", "tooltip": "Prompt naming the concept: the caption of images without a .txt file."}),
+                    "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Training resolution; 0 = the model's native one."}),
+                    "crop": (["center", "resize"], {"tooltip": "center: shorter side to the resolution, then centre crop. resize: squash to a square."}),
+                },
+                "optional": {"images": ("IMAGE", {"tooltip": "A batch from any node, used when folder is empty."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder, concept, resolution, crop, images=None):
+        if folder.strip():
+            return _folder_problem(folder.strip()) or True
+        return True
+
+    def build(self, folder, concept, resolution, crop, images=None):
+        if folder.strip():
+            fs = ForgetSet.from_folder(folder.strip())
+        elif images is not None:
+            fs = ForgetSet.from_tensor(images)
+        else:
+            raise VDUError("no forget images: set folder to a folder of images or connect an IMAGE batch")
+        fs.crop = crop
+        return ({"forget": fs, "concept": concept.strip(), "anchor": "", "num_images": len(fs),
+                 "resolution": resolution or None},)
+
+
+class VDUConcept:
+    DESCRIPTION = "Prompt-only unlearning: the model generates images of the concept itself, then forgets them."
+    RETURN_TYPES = (FORGET,)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "concept": ("STRING", {"multiline": False, "default": "", "tooltip": "Prompt naming what to forget."}),
+            "anchor": ("STRING", {"default": "", "tooltip": "Safe prompt the concept should turn into (score_align); empty = unconditional."}),
+            "num_images": ("INT", {"default": _DEFAULTS.num_images, "min": 1, "max": 512, "tooltip": "Images to generate with the model itself."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "0 = the model's native resolution."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, concept, anchor, num_images, resolution):
+        return True if concept.strip() else "the concept prompt is empty: type what the model should forget"
+
+    def build(self, concept, anchor, num_images, resolution):
+        return ({"forget": None, "concept": concept.strip(), "anchor": anchor.strip(), "num_images": num_images,
+                 "resolution": resolution or None},)
+
+
+def loss_curve(history, width=512, height=256) -> Image.Image:
+    """The loss per step, min-max scaled, with its range written in the corner."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    values = [h["loss"] for h in history]
+    if len(values) > 1:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        pts = [(10 + i * (width - 20) / (len(values) - 1), height - 20 - (v - lo) / span * (height - 40))
+               for i, v in enumerate(values)]
+        d.line(pts, fill=(30, 90, 200), width=2)
+        d.text((12, 4), f"loss {values[-1]:.4g}  (range {lo:.3g} .. {hi:.3g}), {len(values)} steps", fill="black")
+    return img
+
+
+def pil_to_image(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+class VDUUnlearn:
+    DESCRIPTION = ("Trains a LoRA that makes the model forget the concept (Variational Diffusion Unlearning or a "
+                   "baseline objective). The input MODEL and CLIP are left untouched.")
+    RETURN_TYPES = ("MODEL", LORA, "IMAGE")
+    RETURN_NAMES = ("model", "lora", "loss_curve")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = _DEFAULTS
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "forget": (FORGET,),
+            "objective": (list(OBJECTIVES), {"default": d.objective}),
+            "steps": ("INT", {"default": d.steps, "min": 1, "max": 100000}),
+            "rank": ("INT", {"default": d.rank, "min": 1, "max": 256}),
+            "learning_rate": ("FLOAT", {"default": d.lr, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+            "gamma": ("FLOAT", {"default": d.gamma, "min": 0.0, "max": 0.999, "step": 0.01,
+                                "tooltip": "Weight of the stability regularizer (VDU)."}),
+            "prior": (list(PRIORS)[:2], {"default": d.prior, "tooltip": "fisher: protect what the model uses elsewhere; isotropic: one sigma."}),
+            "prior_sigma": ("FLOAT", {"default": d.prior_sigma, "min": 1e-6, "max": 100.0, "step": 1e-4}),
+            "layers": (list(PRESETS), {"default": DEFAULT_PRESET}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+        }}
+
+    def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
+            layers, seed):
+        import comfy.model_management as mm
+        import comfy.sd
+        import comfy.utils
+
+        from .comfy_backend import ComfyBackend
+        cfg = UnlearnConfig(objective=objective, concept=forget["concept"], anchor=forget["anchor"], steps=steps,
+                            rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
+                            prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
+                            resolution=forget["resolution"])
+        cfg.validate()
+        bar = comfy.utils.ProgressBar(steps)
+        history = []
+
+        def progress(step, total, terms):
+            mm.throw_exception_if_processing_interrupted()  # Cancel: stop now, keep nothing
+            history.append(terms)
+            preview = ("JPEG", loss_curve(history), 512) if step % 10 == 0 or step == total else None
+            bar.update_absolute(step, total, preview)
+
+        backend = ComfyBackend(model, clip, vae)
+        result = unlearn(backend, cfg, forget["forget"], progress=progress)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0.0)
+        lora = {"state_dict": result.lora, "metadata": result.metadata}
+        return (patched, lora, pil_to_image(loss_curve(result.history)))
+
+
+def _lora_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def _lora_target(filename: str):
+    """The file under the first loras folder, or an error message if the name escapes it."""
+    name = filename.strip()
+    if not name:
+        return None, "the file name is empty"
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = _lora_dir().resolve()
+    path = (root / name).resolve()
+    if os.path.isabs(filename.strip()) or root not in path.parents:
+        return None, f"{filename!r} escapes the loras folder; use a plain name such as forget-red"
+    return path, None
+
+
+class VDUSaveLoRA:
+    DESCRIPTION = "Writes the LoRA (kohya format) into the first models/loras folder, where LoraLoader lists it."
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora": (LORA,),
+                             "filename": ("STRING", {"default": "unlearned/forget"}),
+                             "overwrite": ("BOOLEAN", {"default": False})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename, overwrite, lora=None):
+        _, problem = _lora_target(filename)
+        return problem or True
+
+    def save(self, lora, filename, overwrite):
+        from ..vdu_engine.saving import atomic_save_file
+        path, problem = _lora_target(filename)
+        if problem:
+            raise VDUError(problem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file(lora["state_dict"], path, lora["metadata"], overwrite=overwrite)
+        name = path.relative_to(_lora_dir().resolve()).as_posix()
+        return {"ui": {"text": [f"saved {name}"]}, "result": (name,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "VDUForgetImages": VDUForgetImages,
+    "VDUConcept": VDUConcept,
+    "VDUUnlearn": VDUUnlearn,
+    "VDUSaveLoRA": VDUSaveLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VDUForgetImages": "Forget Images (VDU)",
+    "VDUConcept": "Forget Concept Prompt (VDU)",
+    "VDUUnlearn": "Unlearn Concept (VDU)",
+    "VDUSaveLoRA": "Save Unlearning LoRA (VDU)",
+}
