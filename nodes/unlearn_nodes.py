@@ -22,9 +22,23 @@ FORGET, LORA = "VDU_FORGET", "VDU_LORA"
 _DEFAULTS = UnlearnConfig()
 
 
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_folder(folder: str) -> Path:
+    """An absolute path as is; a relative one under ComfyUI's input folder, else under this pack
+    (so the shipped example workflow finds `examples/red_shapes`)."""
+    path = Path(folder.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    import folder_paths
+    in_input = Path(folder_paths.get_input_directory()) / path
+    return in_input if in_input.exists() or not (PACK_ROOT / path).exists() else PACK_ROOT / path
+
+
 def _folder_problem(folder: str):
     try:
-        ForgetSet.from_folder(folder)
+        ForgetSet.from_folder(resolve_folder(folder))
     except VDUError as e:
         return str(e)
     return None
@@ -39,7 +53,7 @@ class VDUForgetImages:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-                    "folder": ("STRING", {"default": "", "tooltip": "Folder of images of the concept; leave empty to use the images input."}),
+                    "folder": ("STRING", {"default": "", "tooltip": "Folder of images of the concept (absolute, or relative to ComfyUI's input folder); leave empty to use the images input."}),
                     "concept": ("STRING", {"default": "", "tooltip": "Prompt naming the concept: the caption of images without a .txt file."}),
                     "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Training resolution; 0 = the model's native one."}),
                     "crop": (["center", "resize"], {"tooltip": "center: shorter side to the resolution, then centre crop. resize: squash to a square."}),
@@ -54,7 +68,7 @@ class VDUForgetImages:
 
     def build(self, folder, concept, resolution, crop, images=None):
         if folder.strip():
-            fs = ForgetSet.from_folder(folder.strip())
+            fs = ForgetSet.from_folder(resolve_folder(folder))
         elif images is not None:
             fs = ForgetSet.from_tensor(images)
         else:
@@ -129,7 +143,7 @@ class VDUUnlearn:
             "prior": (list(PRIORS)[:2], {"default": d.prior, "tooltip": "fisher: protect what the model uses elsewhere; isotropic: one sigma."}),
             "prior_sigma": ("FLOAT", {"default": d.prior_sigma, "min": 1e-6, "max": 100.0, "step": 1e-4}),
             "layers": (list(PRESETS), {"default": DEFAULT_PRESET}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
