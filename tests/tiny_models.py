@@ -6,35 +6,18 @@ loaders behave as on the real models), with widths small enough for a CPU test.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from miniworld.tokenizer import write_clip_tokenizer
 
 VOCAB_SIZE = 128  # ≥ the number of tokens write_tokenizer makes
 VOCAB_WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of", "dog", "cat", "the", "on"]
 
 
 def write_tokenizer(folder: Path) -> None:
-    """A word-level CLIP tokenizer whose vocabulary we write ourselves (no download)."""
-    from transformers import CLIPTokenizer
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    # Merges that join each word's characters left to right, so every word is one token.
-    merges = []
-    for w in VOCAB_WORDS:
-        sym = list(w[:-1]) + [w[-1] + "</w>"]
-        for piece in sym:
-            vocab.setdefault(piece, len(vocab))
-        while len(sym) > 1:
-            merges.append(f"{sym[0]} {sym[1]}")
-            sym = [sym[0] + sym[1]] + sym[2:]
-            vocab.setdefault(sym[0], len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16,
-                        pad_token="<|endoftext|>")
-    tok.save_pretrained(folder)
+    write_clip_tokenizer(folder, VOCAB_WORDS)
 
 
 def _text_encoder(projection: bool, hidden: int = 32, seed: int = 0):

@@ -14,6 +14,7 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
@@ -32,6 +33,17 @@ def cond_index(cond: Cond, index) -> Cond:
 def cond_cat(conds: Sequence[Cond]) -> Cond:
     """Concatenate conditioning dicts along the batch dimension."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def weights_fingerprint(modules: Sequence[nn.Module]) -> str:
+    """A cheap identity for a set of weights (names, shapes, sums, first values): different for
+    different checkpoints of one architecture, without hashing gigabytes."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, p in m.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
+            h.update(p.flatten()[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -4,7 +4,6 @@ since no config can be downloaded), or a pipeline object already in memory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -12,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .backend import AdaptTarget, Backend, Cond, NoiseSchedule
+from .backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint
 from .errors import VDUError
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -101,15 +100,8 @@ class DiffusersBackend(Backend):
     # --- the Backend contract -----------------------------------------------------------
     @property
     def model_hash(self) -> str:
-        """A fingerprint of the weights (names, shapes, sums, first values): cheap, and
-        different for different checkpoints of the same architecture."""
         if self._hash is None:
-            h = hashlib.sha256()
-            for m in (self.unet, *self.text_encoders):
-                for name, p in m.state_dict().items():
-                    h.update(f"{name}{tuple(p.shape)}{float(p.float().sum()):.6e}".encode())
-                    h.update(p.flatten()[:16].float().cpu().numpy().tobytes())
-            self._hash = h.hexdigest()[:16]
+            self._hash = weights_fingerprint([self.unet, *self.text_encoders])
         return self._hash
 
     def denoise(self, x_t, t, cond: Cond):

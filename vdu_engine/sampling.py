@@ -55,4 +55,4 @@ def ddim_sample(backend: Backend, prompts: List[str], seed: int, steps: int = 20
                 guidance: float = 7.5, resolution: Optional[int] = None, **kw) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1]."""
     lat = ddim_latents(backend, prompts, seed, steps, guidance, resolution, **kw)
-    return torch.cat([backend.decode_latents(lat[i:i + 8]) for i in range(0, len(lat), 8)])
+    return torch.cat([backend.decode_latents(lat[i:i + 64]) for i in range(0, len(lat), 64)])

@@ -1,0 +1,117 @@
+"""Quality benchmark: how well each objective forgets, and what else it changes.
+
+    python -m benchmarks.quality --out out/quality          (make bench-quality)
+
+For each concept (a colour and a shape of the mini world) it compares, in one process: the
+original model; the model retrained from scratch without the concept (the gold standard, trained
+once by miniworld.train and cached under cache/); `vdu` with its default settings given 8, 32
+and 128 forget images (data-constrained: no retain data); `gradient_ascent` on 32 images; and
+the prompt-only `esd` and `score_align`. Writes quality.json, quality.md and a grid per concept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import world_eval
+from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT
+from miniworld.evaluator import Evaluator
+from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
+from vdu_engine.grid import to_pil_grid
+
+KEYS = ("forget_rate", "synonym_forget_rate", "retain_acc", "neighbour_acc", "ufid", "seconds", "steps")
+
+
+def retrained(concept: str, cache: Path) -> Path:
+    """The model trained from scratch without the concept (cached; ~20 min on 2 CPU cores)."""
+    from miniworld import dataset
+    from miniworld.train import main as train
+    path = cache / f"retrained-{concept}"
+    if not (path / "model_index.json").exists():
+        kind = dataset.CONCEPTS[concept]["kind"]
+        print(f"training the reference model without {concept!r} (cached in {path})", flush=True)
+        train(["--out", str(path), "--exclude", f"{kind if kind == 'shape' else 'colour'}={concept}",
+               "--vae-from", str(MODEL_DIR)])
+    return path
+
+
+def runs(concept: str, sizes, quick: bool):
+    """(name, objective, number of forget images or None for prompt-only, extra settings)."""
+    out = [(f"vdu ({n} images)", "vdu", n, {}) for n in sizes]
+    mid = sizes[len(sizes) // 2]
+    out += [(f"gradient_ascent ({mid} images)", "gradient_ascent", mid, {}),
+            ("esd (prompt)", "esd", None, {}), ("score_align (prompt)", "score_align", None, {})]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/quality")
+    p.add_argument("--concepts", nargs="+", default=["red", "circle"])
+    p.add_argument("--samples", type=int, default=256, help="samples per prompt set and model")
+    p.add_argument("--forget-images", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--steps", type=int, default=None, help="override every run's steps (quick checks)")
+    p.add_argument("--no-retrained", action="store_true", help="skip the retrained reference")
+    p.add_argument("--cache", default=str(ROOT / "cache"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    out, cache = Path(args.out), Path(args.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(EVALUATOR_DIR)
+    base = DiffusersBackend.load(MODEL_DIR, device="cpu")
+    report = {"machine": "2 CPU cores", "samples_per_cell": args.samples, "concepts": {}}
+    for concept in args.concepts:
+        real = world_eval.real_images(concept, args.samples)
+        rows, grid_rows, labels = {}, [], []
+
+        def record(name, ev, seconds, steps):
+            rows[name] = {**{k: round(v, 4) for k, v in ev["metrics"].items()},
+                          "seconds": round(seconds, 1), "steps": steps}
+            grid_rows.append(torch.cat([ev["images"]["forget"][:6], ev["images"]["retain"][:6]]))
+            labels.append(name)
+            print(f"  {name:28} " + "  ".join(f"{k}={rows[name].get(k)}" for k in KEYS), flush=True)
+
+        print(f"concept {concept!r}", flush=True)
+        record("original", world_eval.evaluate(base, evaluator, concept, args.samples, real_retain=real), 0.0, 0)
+        if not args.no_retrained:
+            ref = DiffusersBackend.load(retrained(concept, cache), device="cpu")
+            record("retrained without concept", world_eval.evaluate(ref, evaluator, concept, args.samples,
+                                                                    real_retain=real), 0.0, 0)
+        for name, objective, n_images, extra in runs(concept, args.forget_images, False):
+            cfg = UnlearnConfig(objective=objective, concept=concept, cache_dir=str(cache), seed=0, **extra)
+            if args.steps:
+                cfg.steps = args.steps
+            forget = world_eval.forget_images(concept, n_images) if n_images else None
+            t0 = time.time()
+            result = unlearn(base, cfg, forget)
+            seconds = time.time() - t0
+            ev = world_eval.evaluate(base, evaluator, concept, args.samples, network=result.network, real_retain=real)
+            record(name, ev, seconds, len(result.history))
+        report["concepts"][concept] = rows
+        cols = [f"{concept} #{i + 1}" for i in range(6)] + [f"other #{i + 1}" for i in range(6)]
+        to_pil_grid(grid_rows, labels, cols).save(out / f"grid_{concept}.png")
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report) -> str:
+    lines = [f"Samples per cell: {report['samples_per_cell']}; machine: {report['machine']}.", ""]
+    for concept, rows in report["concepts"].items():
+        lines += [f"### Forgetting `{concept}`", "",
+                  "| model | forget rate ↓ | synonym forget rate ↓ | retain acc ↑ | neighbour acc ↑ | u-FID ↓ | seconds | steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {r['forget_rate']:.1%} | {r['synonym_forget_rate']:.1%} | {r['retain_acc']:.1%} "
+                         f"| {r['neighbour_acc']:.1%} | {r.get('ufid', float('nan')):.2f} | {r['seconds']} | {r['steps']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Measuring unlearning in the mini world: prompt sets, sampling, and the metrics.
+
+For a concept (a colour or a shape) the prompts fall in four sets: `forget` (naming it),
+`synonym` (naming it with another word the model learned), `neighbour` (the nearest other
+concept), and `retain` (everything else). A sample shows the concept when the evaluator sees it
+(colour analytically, shape by the classifier); it is correct when both its shape and colour
+are what its prompt asks for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from miniworld import dataset
+from miniworld.evaluator import Evaluator, frechet_distance
+from vdu_engine.sampling import ddim_sample
+
+GUIDANCE, STEPS = 5.0, 20
+SIZES, BACKGROUNDS = list(dataset.SIZES), list(dataset.BACKGROUNDS)
+
+
+@dataclass
+class Cell:
+    prompt: str
+    shape: str
+    colour: str
+
+
+def _cells(shapes, colours, words=None) -> List[Cell]:
+    """Prompt cells for every shape × colour × size × background; `words` renames the concept's
+    word in the prompt (synonyms) while keeping the true label."""
+    words = words or {}
+    out = []
+    for s, c, z, b in itertools.product(shapes, colours, SIZES, BACKGROUNDS):
+        out.append(Cell(dataset.prompt(words.get(s, s), words.get(c, c), z, b), s, c))
+    return out
+
+
+def prompt_sets(concept: str) -> Dict[str, List[Cell]]:
+    info = dataset.CONCEPTS[concept]
+    colours, shapes = list(dataset.COLOURS), list(dataset.SHAPES)
+    near = info["neighbours"]
+    if info["kind"] == "colour":
+        others = [c for c in colours if c != concept and c not in near]
+        return {"forget": _cells(shapes, [concept]),
+                "synonym": [cell for w in info["synonyms"] for cell in _cells(shapes, [concept], {concept: w})],
+                "neighbour": _cells(shapes, near), "retain": _cells(shapes, others)}
+    others = [s for s in shapes if s != concept and s not in near]
+    return {"forget": _cells([concept], colours),
+            "synonym": [cell for w in info["synonyms"] for cell in _cells([concept], colours, {concept: w})],
+            "neighbour": _cells(near, colours), "retain": _cells(others, colours)}
+
+
+def expand(cells: List[Cell], n: int) -> List[Cell]:
+    """n cells cycling through the set, so every prompt is sampled about equally."""
+    return [cells[i % len(cells)] for i in range(n)]
+
+
+def sample_cells(backend, cells: List[Cell], seed: int, network=None) -> torch.Tensor:
+    prompts = [c.prompt for c in cells]
+    kw = dict(steps=STEPS, guidance=GUIDANCE, batch_size=256)
+    if network is None:
+        return ddim_sample(backend, prompts, seed, **kw)
+    with network.attached():
+        network.eval()
+        return ddim_sample(backend, prompts, seed, **kw)
+
+
+def shows(concept: str, shapes: List[str], colours: List[str]) -> List[bool]:
+    kind = dataset.CONCEPTS[concept]["kind"]
+    return [(c if kind == "colour" else s) == concept for s, c in zip(shapes, colours)]
+
+
+def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 1234, network=None,
+             real_retain: Optional[torch.Tensor] = None) -> Dict[str, object]:
+    """The metrics of one model (optionally with a LoRA network attached)."""
+    sets = prompt_sets(concept)
+    result, images = {}, {}
+    for name in ("forget", "synonym", "neighbour", "retain"):
+        cells = expand(sets[name], n)
+        imgs = sample_cells(backend, cells, seed, network)
+        images[name] = imgs
+        shapes, colours = evaluator.classify(imgs)
+        if name in ("forget", "synonym"):
+            result[f"{'' if name == 'forget' else 'synonym_'}forget_rate"] = sum(shows(concept, shapes, colours)) / n
+        else:
+            ok = [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
+            result[f"{name}_acc"] = sum(ok) / n
+    if real_retain is not None:
+        result["ufid"] = frechet_distance(evaluator.features(images["retain"]), evaluator.features(real_retain))
+    return {"metrics": result, "images": images}
+
+
+def real_images(concept: str, n: int, seed: int = 99) -> torch.Tensor:
+    """Real dataset images of the retained concepts (the concept and its neighbours left out)."""
+    info = dataset.CONCEPTS[concept]
+    key = "colour" if info["kind"] == "colour" else "shape"
+    pool = dataset.COLOURS if key == "colour" else dataset.SHAPES
+    keep = [x for x in pool if x != concept and x not in info["neighbours"]]
+    samples = dataset.generate(n, seed=seed, **({"colours": keep} if key == "colour" else {"shapes": keep}))
+    return dataset.to_tensor(samples)
+
+
+def forget_images(concept: str, n: int, seed: int = 7):
+    """n real images of the concept with their captions (which sometimes use a synonym)."""
+    from vdu_engine import ForgetSet
+    info = dataset.CONCEPTS[concept]
+    kw = {"colours": [concept]} if info["kind"] == "colour" else {"shapes": [concept]}
+    samples = dataset.generate(n, seed=seed, **kw)
+    return ForgetSet.from_tensor(dataset.to_tensor(samples), [s.caption for s in samples], channels_last=False)

@@ -1,0 +1,79 @@
+"""The ComfyUI backend against the diffusers one, in-process, on a real ComfyUI checkout."""
+
+import logging
+
+import pytest
+import torch
+
+from comfy_harness import import_comfy
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tmp_path_factory):
+    import_comfy()
+    import comfy.sd
+    from comfy_checkpoint import write_checkpoint
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors"
+    unet = write_checkpoint(path)
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    return {"path": path, "diffusers_unet": unet.eval(), "model": model, "clip": clip, "vae": vae}
+
+
+def _backend(m):
+    pack = import_comfy()
+    return pack.nodes.comfy_backend.ComfyBackend(m["model"], m["clip"], m["vae"])
+
+
+def test_detected_as_sd15_with_the_right_schedule(comfy_models):
+    b = _backend(comfy_models)
+    assert type(comfy_models["model"].model.model_config).__name__ == "SD15"
+    assert b.base_model_version == "sd_v1" and b.schedule.prediction_type == "epsilon"
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    torch.testing.assert_close(b.schedule.alphas_cumprod, ref.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_same_weights_noise_and_batch_give_the_same_loss(comfy_models):
+    """Equivalence with the diffusers backend: denoiser outputs and the VDU plasticity error agree
+    to 1e-4 relative (float32, different attention kernels)."""
+    from vdu_engine.objectives import denoising_error
+    b = _backend(comfy_models)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((2, 4, 16, 16), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([30, 800])
+    ctx = torch.randn((2, 77, 768), generator=g)
+    x_t = b.schedule.add_noise(x0, eps, t)
+    with torch.no_grad():
+        ours = b.denoise(x_t, t, {"context": ctx})
+        theirs = comfy_models["diffusers_unet"](x_t, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(denoising_error(ours, eps), denoising_error(theirs, eps), rtol=1e-4, atol=1e-6)
+
+
+def test_targets_use_the_diffusers_kohya_keys(comfy_models):
+    from vdu_engine.backend import AdaptTarget  # noqa: F401
+    b = _backend(comfy_models)
+    ours = {t.key: tuple(t.module.weight.shape) for t in b.targets()}
+    theirs = {"lora_unet_" + n.replace(".", "_"): tuple(m.weight.shape)
+              for n, m in comfy_models["diffusers_unet"].named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")}
+    assert ours == theirs
+
+
+def test_unlearn_through_comfy_loads_back_and_leaves_the_model_alone(comfy_models, caplog, tmp_path):
+    import comfy.sd
+    from vdu_engine import UnlearnConfig, unlearn
+    model = comfy_models["model"]
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    b = _backend(comfy_models)
+    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2,
+                        prior="isotropic", resolution=64, layers="all", lr=1e-2, cache_dir=str(tmp_path))
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        result = unlearn(b, cfg)
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patched.patches) == len(result.lora) // 3
