@@ -51,6 +51,7 @@ def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 2
     return torch.cat(out)
 
 
+@torch.no_grad()
 def ddim_sample(backend: Backend, prompts: List[str], seed: int, steps: int = 20,
                 guidance: float = 7.5, resolution: Optional[int] = None, **kw) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1]."""

@@ -1,0 +1,86 @@
+"""The mini world: dataset generator, tokenizer, the committed model and evaluator, one quick
+benchmark cell."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from miniworld import EVALUATOR_DIR, MODEL_DIR, dataset
+from miniworld.evaluator import Evaluator, classify_colour, frechet_distance
+
+
+def test_generator_is_deterministic_and_labels_match_captions():
+    a, b = dataset.generate(50, seed=3), dataset.generate(50, seed=3)
+    assert all(np.array_equal(x.image, y.image) and x.caption == y.caption for x, y in zip(a, b))
+    assert not np.array_equal(a[0].image, dataset.generate(1, seed=4)[0].image)
+    for s in a:
+        words = s.caption.split()
+        assert s.size in words and s.background in words
+        assert s.colour in words or any(w in words for w in dataset.SYNONYMS.get(s.colour, []))
+        assert s.shape in words or any(w in words for w in dataset.SYNONYMS.get(s.shape, []))
+        assert s.image.shape == (32, 32, 3) and 0 <= s.image.min() and s.image.max() <= 1
+
+
+def test_exclusion_and_synonyms():
+    samples = dataset.generate(400, seed=1, exclude={"colour": "red"})
+    assert not any(s.colour == "red" for s in samples)
+    assert not any(w in s.caption for s in samples for w in ("red", "crimson", "scarlet"))
+    with_red = dataset.generate(2000, seed=1, colours=["red"])
+    words = {w for s in with_red for w in s.caption.split()}
+    assert {"red", "crimson", "scarlet", "disc", "circle"} <= words
+    assert not any(s.shape == "circle" for s in dataset.generate(400, seed=2, exclude={"shape": "circle"}))
+
+
+def test_colour_is_measured_from_the_pixels():
+    samples = dataset.generate(600, seed=11)
+    predicted = classify_colour(dataset.to_tensor(samples))
+    assert sum(p == s.colour for p, s in zip(predicted, samples)) / len(samples) >= 0.98
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    assert classify_colour(grey) == ["none"]
+
+
+def test_tokenizer_gives_each_word_one_token():
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    for w in dataset.vocabulary():
+        ids = tok(w).input_ids
+        assert len(ids) == 3 and ids[1] != tok.unk_token_id, w  # start, the word, end
+
+
+def test_committed_model_loads_offline_and_samples():
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, local_files_only=True, safety_checker=None)
+    out = pipe("a large red circle on a grey background", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3)
+    files = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert files <= 20 * 2 ** 20
+
+
+def test_evaluator_shape_accuracy_floor():
+    ev = Evaluator(EVALUATOR_DIR)
+    held = dataset.generate(500, seed=4242)
+    shapes = ev.classify_shape(dataset.to_tensor(held))
+    assert sum(p == s.shape for p, s in zip(shapes, held)) / len(held) >= 0.95
+    assert json.loads((EVALUATOR_DIR / "evaluator.json").read_text())["held_out_shape_accuracy"] >= 0.95
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
+    torch.manual_seed(0)
+    a = torch.randn(400, 8)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.05)
+
+
+def test_one_quick_benchmark_cell(tmp_path):
+    from benchmarks import quality
+    quality.main(["--out", str(tmp_path), "--concepts", "red", "--samples", "8", "--forget-images", "8",
+                  "--steps", "2", "--no-retrained", "--cache", str(tmp_path / "cache")])
+    report = json.loads((tmp_path / "quality.json").read_text())
+    rows = report["concepts"]["red"]
+    assert {"original", "vdu (8 images)", "esd (prompt)", "score_align (prompt)"} <= set(rows)
+    for r in rows.values():
+        assert set(quality.KEYS) <= set(r) and 0 <= r["forget_rate"] <= 1
+    assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
