@@ -26,12 +26,12 @@ class UnlearnConfig:
     batch_size: int = 4  # forget images per step
     gamma: float = 0.5  # VDU weight of the stability regularizer (1 − gamma weighs the plasticity inducer)
     prior: str = "fisher"  # isotropic | fisher | ensemble: variance of the Gaussian prior over weights
-    prior_sigma: float = 0.01  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
+    prior_sigma: float = 10.0  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
     fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
     fisher_prompts: List[str] = field(default_factory=lambda: [""])  # prompts for those images ("" = unconditional)
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
-    bound: float = 3.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
+    bound: float = 1.5  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
     t_min: float = 0.0  # lowest timestep trained, as a fraction of the schedule
     t_max: float = 1.0  # highest timestep trained, as a fraction of the schedule

@@ -13,16 +13,16 @@ from .backend import AdaptTarget
 
 _ATTN_PROJ = r"\.(to_q|to_k|to_v|to_out\.0)$"
 PRESETS = {
-    # Only the layers that read the prompt: the narrowest edit (ESD-x's choice).
+    # Only the layers that read the prompt: the narrowest edit (ESD-x's choice; the default).
     "cross_attention": re.compile(r"\.attn2" + _ATTN_PROJ),
     # Self- and cross-attention projections.
     "attention": re.compile(r"\.attn[12]" + _ATTN_PROJ),
-    # Attention plus the transformer blocks' feed-forward layers (the default).
+    # Attention plus the transformer blocks' feed-forward layers.
     "attention_ff": re.compile(r"(\.attn[12]" + _ATTN_PROJ + r")|(\.ff\.net\.(0\.proj|2)$)"),
     # Every Linear and Conv2d of the UNet, resnets and samplers included (ESD-u-like).
     "all": re.compile(r".*"),
 }
-DEFAULT_PRESET = "attention_ff"
+DEFAULT_PRESET = "cross_attention"  # chosen on the quality benchmark (README)
 
 
 def select_targets(targets: List[AdaptTarget], preset: str,

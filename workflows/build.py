@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 HERE = Path(__file__).resolve().parent
+from vdu_engine.config import UnlearnConfig
+
+D = UnlearnConfig()  # the workflows ship the engine's defaults
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the user picks theirs in the loader node
 
 # Per node type: link inputs [(name, type)], widgets [names, in order], outputs [(name, type)].
@@ -124,8 +127,8 @@ def _compare(g: Graph, ckpt: Node, model_after: Node, prompts: str, y: int) -> N
 
 def _unlearn(g: Graph, ckpt: Node, forget: Node, filename: str) -> Node:
     un = g.add("VDUUnlearn", (420, 0), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), forget=(forget, 0),
-               objective="vdu", steps=200, rank=4, learning_rate=1e-3, gamma=0.5, prior="fisher",
-               prior_sigma=0.01, layers="attention_ff", seed=0)
+               objective=D.objective, steps=D.steps, rank=D.rank, learning_rate=D.lr, gamma=D.gamma,
+               prior=D.prior, prior_sigma=D.prior_sigma, layers=D.layers, seed=D.seed)
     g.add("VDUSaveLoRA", (800, 0), lora=(un, 1), filename=filename, overwrite=True)
     g.add("PreviewImage", (800, 180), "Loss curve", images=(un, 2))
     return un
