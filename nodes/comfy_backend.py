@@ -99,8 +99,9 @@ class ComfyBackend(Backend):
     def targets(self) -> List[AdaptTarget]:
         out = []
         for path, m in self.unet.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and path in self._names:
-                diff = self._names[path]
+            diff = self._names.get(path, "")
+            # the same layer set as the diffusers backend: the down, mid and up blocks
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and diff.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"):
                 out.append(AdaptTarget("lora_unet_" + diff.replace(".", "_"), "unet", diff, m))
         return out
 

@@ -41,6 +41,9 @@ def import_comfy():
     if str(PACK.parent) not in sys.path:
         sys.path.insert(0, str(PACK.parent))
     import importlib
+
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # as `main.py --cpu`; must precede comfy.model_management
     return importlib.import_module(PACK.name)  # the pack, as ComfyUI would load it
 
 

@@ -20,8 +20,10 @@ def comfy_models(tmp_path_factory):
 
 
 def _backend(m):
+    import importlib
     pack = import_comfy()
-    return pack.nodes.comfy_backend.ComfyBackend(m["model"], m["clip"], m["vae"])
+    backend = importlib.import_module(f"{pack.__name__}.nodes.comfy_backend")
+    return backend.ComfyBackend(m["model"], m["clip"], m["vae"])
 
 
 def test_detected_as_sd15_with_the_right_schedule(comfy_models):
