@@ -26,7 +26,6 @@ def main(argv=None):
     p.add_argument("--out", default="out/demo")
     p.add_argument("--samples", type=int, default=128, help="samples per prompt set for the numbers")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = DiffusersBackend.load(MODEL_DIR, device="cpu")

@@ -59,12 +59,16 @@ def main(argv=None):
     p.add_argument("--no-retrained", action="store_true", help="skip the retrained reference")
     p.add_argument("--cache", default=str(ROOT / "cache"))
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(EVALUATOR_DIR)
     base = DiffusersBackend.load(MODEL_DIR, device="cpu")
     report = {"machine": "2 CPU cores", "samples_per_cell": args.samples, "concepts": {}}
+    previous = out / "quality.json"
+    if previous.exists():  # concepts run separately land in one report
+        old = json.loads(previous.read_text())
+        if old.get("samples_per_cell") == args.samples:
+            report["concepts"].update(old["concepts"])
     for concept in args.concepts:
         real = world_eval.real_images(concept, args.samples)
         rows, grid_rows, labels = {}, [], []

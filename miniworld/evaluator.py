@@ -19,6 +19,7 @@ from torch import nn
 from .dataset import COLOURS, SHAPES
 
 MIN_PIXELS = 6  # fewer saturated pixels than this: no coloured shape to speak of
+MIN_REGION = 20  # pixels of a colour that count as showing it (the smallest shape covers ~75)
 
 
 def _hue(rgb: torch.Tensor) -> torch.Tensor:
@@ -33,20 +34,39 @@ def _hue(rgb: torch.Tensor) -> torch.Tensor:
 _COLOUR_HUES = {name: float(_hue(torch.tensor(rgb))) for name, rgb in COLOURS.items()}
 
 
+def _saturated(img: torch.Tensor) -> torch.Tensor:
+    """Pixels [P, 3] of one image [P, 3] that carry a colour (grey backgrounds do not)."""
+    mx, mn = img.max(-1).values, img.min(-1).values
+    sat = (mx - mn) / mx.clamp_min(1e-6)
+    return img[(sat > 0.45) & (mx > 0.25)]
+
+
+def _nearest_colour(hue: float) -> str:
+    dist = {c: min(abs(hue - v), 1 - abs(hue - v)) for c, v in _COLOUR_HUES.items()}
+    return min(dist, key=dist.get)
+
+
+def colour_area(images: torch.Tensor, colour: str) -> List[int]:
+    """How many pixels of each image have `colour` as their nearest hue: a concept "shows" when
+    it covers a region, even in a noisy image whose mean hue is something else."""
+    out = []
+    for img in images.detach().permute(0, 2, 3, 1).reshape(len(images), -1, 3):
+        hues = _hue(_saturated(img))
+        out.append(sum(_nearest_colour(float(h)) == colour for h in hues))
+    return out
+
+
 def classify_colour(images: torch.Tensor) -> List[str]:
     """images [N, 3, H, W] in [0, 1] → the colour name of each shape, or "none"."""
     out = []
-    for img in images.permute(0, 2, 3, 1).reshape(len(images), -1, 3):
-        mx, mn = img.max(-1).values, img.min(-1).values
-        sat = (mx - mn) / mx.clamp_min(1e-6)
-        px = img[(sat > 0.45) & (mx > 0.25)]
+    for img in images.detach().permute(0, 2, 3, 1).reshape(len(images), -1, 3):
+        px = _saturated(img)
         if len(px) < MIN_PIXELS:
             out.append("none")
             continue
         angle = _hue(px) * 2 * np.pi  # circular mean: red sits at both ends of the hue circle
         h = (torch.atan2(angle.sin().mean(), angle.cos().mean()) / (2 * np.pi)) % 1.0
-        dist = {c: min(abs(float(h) - v), 1 - abs(float(h) - v)) for c, v in _COLOUR_HUES.items()}
-        out.append(min(dist, key=dist.get))
+        out.append(_nearest_colour(float(h)))
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from miniworld import EVALUATOR_DIR, MODEL_DIR, dataset
-from miniworld.evaluator import Evaluator, classify_colour, frechet_distance
+from miniworld.evaluator import Evaluator, classify_colour, colour_area, frechet_distance
 
 
 def test_generator_is_deterministic_and_labels_match_captions():
@@ -39,6 +39,10 @@ def test_colour_is_measured_from_the_pixels():
     assert sum(p == s.colour for p, s in zip(predicted, samples)) / len(samples) >= 0.98
     grey = torch.full((1, 3, 32, 32), 0.5)
     assert classify_colour(grey) == ["none"]
+    # A red patch in a noisy multicoloured image still shows red, though its mean hue is not red.
+    noisy = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    noisy[:, :, :8, :8] = torch.tensor([0.9, 0.05, 0.05]).view(1, 3, 1, 1)
+    assert colour_area(noisy, "red")[0] >= 64 and colour_area(grey, "red") == [0]
 
 
 def test_tokenizer_gives_each_word_one_token():
