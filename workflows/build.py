@@ -134,23 +134,23 @@ def _unlearn(g: Graph, ckpt: Node, forget: Node, filename: str) -> Node:
     return un
 
 
-def unlearn_from_folder() -> Graph:
+def _unlearn_workflow(forget_type: str, filename: str, **forget_widgets) -> Graph:
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
-    forget = g.add("VDUForgetImages", (0, 200), folder="examples/red_shapes", concept="a red circle",
-                   resolution=0, crop="center")
-    un = _unlearn(g, ckpt, forget, "unlearned/forget-from-folder")
+    forget = g.add(forget_type, (0, 200), **forget_widgets)
+    un = _unlearn(g, ckpt, forget, filename)
     _compare(g, ckpt, un, "a red circle", 500)
     return g
+
+
+def unlearn_from_folder() -> Graph:
+    return _unlearn_workflow("VDUForgetImages", "unlearned/forget-from-folder", folder="examples/red_shapes",
+                             concept="a red circle", resolution=0, crop="center")
 
 
 def unlearn_from_prompt() -> Graph:
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
-    forget = g.add("VDUConcept", (0, 200), concept="a red circle", anchor="a grey circle", num_images=8, resolution=0)
-    un = _unlearn(g, ckpt, forget, "unlearned/forget-from-prompt")
-    _compare(g, ckpt, un, "a red circle", 500)
-    return g
+    return _unlearn_workflow("VDUConcept", "unlearned/forget-from-prompt", concept="a red circle",
+                             anchor="a grey circle", num_images=8, resolution=0)
 
 
 def apply_and_compare() -> Graph:
