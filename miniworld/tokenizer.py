@@ -8,8 +8,10 @@ from typing import Iterable
 
 
 def write_clip_tokenizer(folder, words: Iterable[str], max_length: int = 16):
-    """Save a CLIPTokenizer in which every word is exactly one token. CLIP's BPE needs merges and
-    the intermediate symbols they produce: each word's characters are merged left to right."""
+    """Save a CLIPTokenizer that reads every word with known symbols. CLIP's BPE needs merges and
+    the intermediate symbols they produce: each word's characters are merged left to right.
+    Merges are global, so one word's early merge ("r e" of "red") can stop another's chain
+    ("green" ends as g·re·e·n): such words take a few tokens, still distinct and never unknown."""
     from transformers import CLIPTokenizer
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
