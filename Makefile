@@ -25,7 +25,7 @@ COMFY_TESTS := tests/test_comfy_backend.py tests/test_comfy_workflows.py
 # says so and the rest still counts.
 test: setup
 	$(PY) -m pytest -q tests
-	@COMFY=$$(tools/setup_comfy.sh | tail -n 1); rc=$$?; \
+	@OUT=$$(tools/setup_comfy.sh); rc=$$?; COMFY=$$(echo "$$OUT" | tail -n 1); \
 	if [ $$rc -eq 3 ]; then echo "ComfyUI tests not run: no ComfyUI checkout (set COMFYUI_PATH, or fetch Comfy-Org/ComfyUI)"; \
 	elif [ $$rc -ne 0 ]; then echo "tools/setup_comfy.sh failed ($$rc)"; exit $$rc; \
 	else COMFYUI_PATH=$$COMFY .venv-comfy/bin/python -m pytest -q $(COMFY_TESTS); fi
