@@ -208,7 +208,7 @@ class VDUSaveLoRA:
                              "overwrite": ("BOOLEAN", {"default": False})}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename, overwrite, lora=None):
+    def VALIDATE_INPUTS(cls, filename, overwrite):
         _, problem = _lora_target(filename)
         return problem or True
 

@@ -122,3 +122,11 @@ def test_bad_folder_is_a_plain_validation_error(server):
     wf = shipped("unlearn_from_folder", **{**SMALL, "VDUForgetImages": {"folder": "/nonexistent/forget"}})
     with pytest.raises(AssertionError, match="does not exist"):
         server.queue(wf)
+
+
+def test_lora_names_that_escape_the_loras_folder_are_refused(server):
+    wf = shipped("unlearn_from_prompt", **{**SMALL, "VDUSaveLoRA": {"filename": "../../escape"}})
+    # Other outputs of the graph stay valid, so ComfyUI queues them and reports the node's error.
+    reply = server.post("/prompt", {"prompt": wf, "client_id": "vdu-tests"})
+    assert "escapes the loras folder" in json.dumps(reply.get("node_errors", {})), reply
+    server.interrupt()
