@@ -44,11 +44,15 @@ def _folder_problem(folder: str):
     return None
 
 
-class VDUForgetImages:
-    DESCRIPTION = "Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) or an IMAGE batch."
+class _ForgetSource:
+    """What both forget-set nodes share: one VDU_FORGET output made by `build`."""
     RETURN_TYPES = (FORGET,)
     FUNCTION = "build"
     CATEGORY = CATEGORY
+
+
+class VDUForgetImages(_ForgetSource):
+    DESCRIPTION = "Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) or an IMAGE batch."
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -78,11 +82,8 @@ class VDUForgetImages:
                  "resolution": resolution or None},)
 
 
-class VDUConcept:
+class VDUConcept(_ForgetSource):
     DESCRIPTION = "Prompt-only unlearning: the model generates images of the concept itself, then forgets them."
-    RETURN_TYPES = (FORGET,)
-    FUNCTION = "build"
-    CATEGORY = CATEGORY
 
     @classmethod
     def INPUT_TYPES(cls):
