@@ -16,7 +16,7 @@ if [ ! -f "$COMFY/main.py" ]; then
   rm -rf "$COMFY"
   git clone -q --no-checkout "$MIRROR" "$COMFY"
   # The mirror lacks a few large blobs (an LLM tokenizer we never use): check out all but those.
-  git -C "$COMFY" sparse-checkout init --no-cone
+  git -C "$COMFY" sparse-checkout init --no-cone 2>/dev/null  # it complains of the missing blob; the list below fixes that
   { echo '/*'; git -C "$COMFY" ls-tree -r HEAD --format='%(objectname) %(path)' |
       while read -r obj path; do git -C "$COMFY" cat-file -e "$obj" 2>/dev/null || echo "!/$path"; done
   } > "$COMFY/.git/info/sparse-checkout"
