@@ -1,6 +1,6 @@
 """ComfyUI entry point for vdu-unlearn: registers the nodes, nothing else.
 
-Supported: ComfyUI 0.3.47 and newer (tested against 0.3.64). ComfyUI loads this file by path with
+Tested against ComfyUI 0.3.64 (V1 node mappings, which every recent ComfyUI reads). ComfyUI loads this file by path with
 its own root on sys.path, so the pack's modules are imported relatively.
 """
 
