@@ -21,6 +21,7 @@ from torch import nn
 
 from ..vdu_engine.backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint
 from ..vdu_engine.errors import VDUError
+from ..vdu_engine.memory import checkpoint_blocks
 
 CONTEXT_TOKENS = 77
 
@@ -104,6 +105,12 @@ class ComfyBackend(Backend):
             if isinstance(m, (nn.Linear, nn.Conv2d)) and diff.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"):
                 out.append(AdaptTarget("lora_unet_" + diff.replace(".", "_"), "unet", diff, m))
         return out
+
+    def checkpoint_blocks(self) -> List[nn.Module]:
+        return checkpoint_blocks(self.unet)
+
+    # encoder_modules: none. ComfyUI's model management already moves CLIP and the VAE off the
+    # GPU when the UNet needs the memory.
 
     def parameters(self) -> List[nn.Parameter]:
         return list(self.unet.parameters())

@@ -136,6 +136,15 @@ class Backend(ABC):
         False on them while it trains (so no gradient is computed for frozen weights) and
         restores each flag afterwards."""
 
+    def checkpoint_blocks(self) -> List[nn.Module]:
+        """The denoiser's blocks that gradient checkpointing may wrap ([]: not supported)."""
+        return []
+
+    def encoder_modules(self) -> List[nn.Module]:
+        """Modules needed only before training (VAE, text encoders), which may wait on the CPU
+        while the UNet trains ([]: the host application manages where they live)."""
+        return []
+
     def generate(self, prompts: List[str], seed: int, steps: int = 20, guidance: float = 7.5,
                  resolution: int | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [0, 1] from the model itself, with the LoRAs the

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from .errors import VDUError
 from .layers import DEFAULT_PRESET, PRESETS
+from .memory import MEMORY_PRESETS, PRECISIONS
 
 OBJECTIVES = ("vdu", "esd", "score_align", "gradient_ascent")
 PRIORS = ("isotropic", "fisher", "ensemble")
@@ -44,6 +45,11 @@ class UnlearnConfig:
     guidance: float = 7.5  # classifier-free guidance when the model generates images
     seed: int = 0  # seeds noise, timesteps, LoRA init and generated images
     cache_dir: Optional[str] = None  # where the Fisher prior is cached (default ~/.cache/vdu-unlearn)
+    memory: str = ""  # memory preset: fast | balanced | low ("" = the memory flags as given; flags override it)
+    precision: str = "auto"  # forward precision: auto | fp32 | half | bf16 | fp16 (LoRA weights and optimizer stay fp32; auto = half on a GPU)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
+    micro_batch_size: int = 0  # images per forward/backward pass; a step's batch is split into passes (0 = whole batch)
+    offload_encoders: bool = False  # move the VAE and text encoder(s) to the CPU while the UNet trains
 
     def validate(self) -> "UnlearnConfig":
         def bad(name, why):
@@ -70,6 +76,20 @@ class UnlearnConfig:
             bad("t_min", f"need 0 ≤ t-min < t-max ≤ 1, got {self.t_min} and {self.t_max}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        if self.memory and self.memory not in MEMORY_PRESETS:
+            bad("memory", f"{self.memory!r} is not one of {', '.join(MEMORY_PRESETS)}")
+        defaults = UnlearnConfig()
+        for name, value in MEMORY_PRESETS.get(self.memory, {}).items():
+            if name == "offload_encoders" and self.train_text_encoder:
+                continue  # a trained text encoder stays where it is
+            if getattr(self, name) == getattr(defaults, name):  # an explicit flag wins over the preset
+                setattr(self, name, value)
+        if self.precision not in PRECISIONS:
+            bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if int(self.micro_batch_size) < 0:
+            bad("micro_batch_size", f"must be 0 (whole batch) or more, got {self.micro_batch_size}")
+        if self.offload_encoders and self.train_text_encoder:
+            bad("offload_encoders", "the text encoder cannot be offloaded while it is trained; drop --train-text-encoder or --offload-encoders")
         if self.objective in ("esd", "score_align") and not self.concept.strip():
             bad("concept", f"the {self.objective} objective needs the concept prompt; pass --concept TEXT")
         if self.prior == "ensemble" and self.objective == "vdu" and not self.ensemble:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint
 from .errors import VDUError
+from .memory import checkpoint_blocks
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -151,6 +152,12 @@ class DiffusersBackend(Backend):
                     kohya = "text_model." + path.removeprefix("text_model.")
                     out.append(AdaptTarget(prefix + kohya.replace(".", "_"), f"te{i + 1}", path, m))
         return out
+
+    def checkpoint_blocks(self) -> List[nn.Module]:
+        return checkpoint_blocks(self.unet)
+
+    def encoder_modules(self) -> List[nn.Module]:
+        return [self.vae, *self.text_encoders]
 
     def parameters(self) -> List[nn.Parameter]:
         return [p for m in (self.unet, self.vae, *self.text_encoders) for p in m.parameters()]

@@ -52,11 +52,12 @@ class LoRALayer(nn.Module):
         self.scale = self.alpha / rank
         self.weight_shape = tuple(m.weight.shape)
 
-    def factors(self):
+    def factors(self, noise: torch.Generator):
         """(down, up) for this forward: the means, or one reparameterised sample."""
         if self.variational and self.training:
-            return (self.down + self.down_log_std.exp() * torch.randn_like(self.down),
-                    self.up + self.up_log_std.exp() * torch.randn_like(self.up))
+            draw = lambda p: torch.randn(p.shape, generator=noise).to(p)
+            return (self.down + self.down_log_std.exp() * draw(self.down),
+                    self.up + self.up_log_std.exp() * draw(self.up))
         return self.down, self.up
 
     def delta_output(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -89,16 +90,26 @@ class LoRANetwork(nn.Module):
         self.layers = nn.ModuleDict(
             {t.key: LoRALayer(t, rank, alpha, variational, init_log_std, g) for t in targets})
         self.enabled = True
+        # Its own generator: every process of a multi-process run draws the same sample.
+        self._noise = torch.Generator().manual_seed(seed + 1)
         self._current: Dict[str, tuple] = {}
 
     def resample(self) -> None:
         """Draw this step's factors (one sample per step, shared by the batch)."""
-        self._current = {k: layer.factors() for k, layer in self.layers.items()}
+        self._current = {k: layer.factors(self._noise) for k, layer in self.layers.items()}
 
-    def deltas(self) -> Dict[str, torch.Tensor]:
+    def current_factors(self) -> Dict[str, tuple]:
+        """key → (down, up) of the current sample: what the forward pass uses (prior term)."""
         if not self._current:
             self.resample()
-        return {k: self.layers[k].delta_weight(*f) for k, f in self._current.items()}
+        return self._current
+
+    def forget_sample(self) -> None:
+        """Drop the current sample: later forwards use the means (export, sampling)."""
+        self._current = {}
+
+    def deltas(self) -> Dict[str, torch.Tensor]:
+        return {k: self.layers[k].delta_weight(*f) for k, f in self.current_factors().items()}
 
     def _hook(self, key: str):
         layer = self.layers[key]
@@ -106,7 +117,7 @@ class LoRANetwork(nn.Module):
         def hook(module, inputs, output):
             if not self.enabled:
                 return output
-            down, up = self._current[key] if key in self._current else layer.factors()
+            down, up = self._current[key] if key in self._current else layer.factors(self._noise)
             return output + layer.delta_output(inputs[0], down, up).to(output.dtype)
         return hook
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -20,9 +20,11 @@ from . import __version__
 from .backend import Backend, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
+from .distributed import Workers
 from .errors import VDUError
 from .layers import select_targets
 from .lora import LoRANetwork
+from .memory import autocast_dtype, checkpointed, modules_on, split
 from .objectives import (denoising_error, esd_loss, gradient_ascent_loss, score_align_loss,
                          vdu_loss)
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
@@ -87,7 +89,7 @@ def _encode_unique(backend, prompts):
     return cond_index(cond, index.to(next(iter(cond.values())).device))
 
 
-def _build_prior(backend, cfg, targets, resolution) -> PriorEnergy:
+def _build_prior(backend, cfg, targets, resolution, workers) -> PriorEnergy:
     if cfg.prior == "isotropic":
         return isotropic_prior(cfg.prior_sigma)
     if cfg.prior == "ensemble":
@@ -101,7 +103,13 @@ def _build_prior(backend, cfg, targets, resolution) -> PriorEnergy:
         prompts = [cfg.fisher_prompts[i % len(cfg.fisher_prompts)] for i in range(cfg.fisher_samples)]
         lat = ddim_latents(backend, prompts, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
         return diagonal_fisher(backend, targets, lat.to(backend.dtype), _encode_unique(backend, prompts), cfg.seed)
-    return fisher_prior(cached_fisher(fisher_cache_path(cache, backend, targets, spec), compute), cfg.prior_sigma)
+    path = fisher_cache_path(cache, backend, targets, spec)
+    if not workers.is_main:
+        workers.barrier()  # the main process computes and caches it; the others read it
+    fisher = cached_fisher(path, compute)
+    if workers.is_main:
+        workers.barrier()
+    return fisher_prior(fisher, cfg.prior_sigma)
 
 
 @torch.no_grad()
@@ -134,10 +142,37 @@ def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet]
         return _run(backend, cfg, forget, progress, should_stop)
 
 
+@contextmanager
+def _memory_savers(backend: Backend, cfg: UnlearnConfig):
+    """Gradient checkpointing and encoder offload for the training loop, undone after it."""
+    with ExitStack() as stack:
+        if cfg.gradient_checkpointing:
+            blocks = backend.checkpoint_blocks()
+            if not blocks:
+                raise VDUError("this model has no blocks gradient checkpointing knows; drop --gradient-checkpointing")
+            stack.enter_context(checkpointed(blocks))
+        if cfg.offload_encoders and backend.device.type != "cpu":
+            stack.enter_context(modules_on(backend.encoder_modules(), "cpu"))
+        yield
+
+
+def _passes(mine: slice, micro_batch_size: int) -> List[slice]:
+    """This process's slice of the step's batch, in forward/backward passes of at most
+    `micro_batch_size` images (0: one pass)."""
+    size = micro_batch_size or (mine.stop - mine.start)
+    return [slice(a, min(a + size, mine.stop)) for a in range(mine.start, mine.stop, size)]
+
+
 def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
+    workers = Workers()
+    if cfg.batch_size < workers.world:
+        raise VDUError(f"--batch-size {cfg.batch_size} cannot be split over {workers.world} processes; "
+                       f"raise it to at least {workers.world}")
     timings, t0 = {}, time.perf_counter()
     dev, resolution = backend.device, cfg.resolution or backend.resolution
+    amp = autocast_dtype(cfg.precision, dev, backend.dtype)
     latents, captions = _forget_latents(backend, cfg, forget, resolution)
+    latents = workers.broadcast(latents.contiguous())
     cond = _encode_unique(backend, captions)
     extra = {}
     if cfg.objective == "esd":
@@ -151,73 +186,106 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
         raise VDUError(f"layer preset {cfg.layers!r} matches no layer of this model; choose --layers all")
     network = LoRANetwork(targets, cfg.rank, cfg.alpha, cfg.variational, seed=cfg.seed).to(dev)
     t0 = time.perf_counter()
-    prior = _build_prior(backend, cfg, targets, resolution).to(dev) if cfg.objective == "vdu" else None
+    prior = _build_prior(backend, cfg, targets, resolution, workers).to(dev) if cfg.objective == "vdu" else None
     timings["prior"] = time.perf_counter() - t0
-    profile = _error_profile(backend, latents, cond, cfg.seed).to(dev) if cfg.objective == "vdu" else None
+    t0 = time.perf_counter()
+    profile = (workers.broadcast(_error_profile(backend, latents, cond, cfg.seed).to(dev))
+               if cfg.objective == "vdu" else None)
+    timings["profile"] = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(cfg.seed)
     T = backend.schedule.num_train_timesteps
     t_lo, t_hi = int(cfg.t_min * (T - 1)), max(int(cfg.t_max * (T - 1)), int(cfg.t_min * (T - 1)) + 1)
-    opt = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=0.0)
+    params = list(network.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+    step_terms = Terms(backend, cfg, network, prior, profile, extra, amp, len(latents))
+    mine = split(cfg.batch_size, workers.world)[workers.rank]
     history, bounded_ema, n = [], 0.0, len(latents)
     t0 = time.perf_counter()
-    with network.attached():
+    with network.attached(), _memory_savers(backend, cfg):
         for step in range(cfg.steps):
+            # The whole step's batch is drawn on every process; each trains on its slice.
             idx = torch.randperm(n, generator=g)[:cfg.batch_size] if n > cfg.batch_size else \
                 torch.randint(0, n, (cfg.batch_size,), generator=g)
             t = torch.randint(t_lo, t_hi + 1, (len(idx),), generator=g).to(dev)
             x0 = latents[idx].to(dev, backend.dtype)
             eps = torch.randn(x0.shape, generator=g).to(x0)
-            x_t = backend.schedule.add_noise(x0, eps, t)
-            c = (backend.encode_text([captions[i] for i in idx]) if cfg.train_text_encoder
-                 else cond_index(cond, idx.to(dev)))
             network.train()
             network.resample()
-            pred = backend.denoise(x_t, t, c)
-            terms = {}
-            if cfg.objective == "vdu":
-                err = denoising_error(pred, backend.schedule.target(x0, eps, t))
-                bound = cfg.bound * profile[(t * N_BOUND_BUCKETS // T).clamp(max=N_BOUND_BUCKETS - 1)]
-                stability = prior(network.layers, network._current)
-                loss = vdu_loss(stability, err, bound, cfg.gamma, n)
-                if cfg.variational:
-                    loss = loss - cfg.gamma * network.entropy().to(dev)  # KL = E_q[−log p] − H[q]
-                frac = (err >= bound).float().mean().item()
-                bounded_ema = frac if step == 0 else 0.9 * bounded_ema + 0.1 * frac
-                terms.update(stability=stability.item(), forget_error=err.mean().item(),
-                             bounded=bounded_ema)
-            elif cfg.objective == "gradient_ascent":
-                err = denoising_error(pred, backend.schedule.target(x0, eps, t))
-                loss = gradient_ascent_loss(err)
-                terms.update(forget_error=err.mean().item())
-            else:
-                with torch.no_grad(), network.disabled():
-                    if cfg.objective == "esd":
-                        both = backend.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), {
-                            k: torch.cat([c[k], extra["uncond"][k].expand_as(c[k])]) for k in c})
-                        f_c, f_u = both.chunk(2)
-                    else:
-                        f_a = backend.denoise(x_t, t, {k: extra["anchor"][k].expand_as(c[k]) for k in c})
-                loss = esd_loss(pred, f_c, f_u, cfg.esd_eta) if cfg.objective == "esd" \
-                    else score_align_loss(pred, f_a)
-            if not math.isfinite(loss.item()):
-                raise VDUError(f"the loss became {loss.item()} at step {step + 1}; lower --lr or raise --gamma")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            terms = {"loss": loss.item(), **terms}
+            stats = torch.zeros(len(Terms.NAMES) + 1, device=dev)  # the loss, then the terms
+            for part in _passes(mine, cfg.micro_batch_size):
+                c = (backend.encode_text([captions[i] for i in idx[part]]) if cfg.train_text_encoder
+                     else cond_index(cond, idx[part].to(dev)))
+                loss, terms = step_terms(x0[part], eps[part], t[part], c)
+                share = (part.stop - part.start) / cfg.batch_size  # passes add up to the batch mean
+                scaler.scale(loss * share).backward()
+                stats += share * torch.stack([loss.detach().float(), *terms])
+            stats = workers.sum_gradients(params, stats).tolist()  # the one host sync of a step
+            if not math.isfinite(stats[0]):
+                raise VDUError(f"the loss became {stats[0]} at step {step + 1}; lower --lr or raise --gamma")
+            scaler.step(opt)
+            scaler.update()
+            terms = dict(zip(("loss",) + Terms.NAMES, stats))
+            bounded_ema = terms["bounded"] if step == 0 else 0.9 * bounded_ema + 0.1 * terms["bounded"]
+            terms = {k: (bounded_ema if k == "bounded" else v) for k, v in terms.items()
+                     if k in Terms.REPORTED[cfg.objective]}
             history.append({"step": step + 1, **terms})
-            if progress:
+            if progress and workers.is_main:
                 progress(step + 1, cfg.steps, terms)
-            if (should_stop and should_stop()) or (
-                    profile is not None and cfg.stop_when_bounded > 0 and step >= 10
-                    and bounded_ema >= cfg.stop_when_bounded):
+            if should_stop is not None and workers.main_says(should_stop() if workers.is_main else False):
+                break
+            if profile is not None and cfg.stop_when_bounded > 0 and step >= 10 and bounded_ema >= cfg.stop_when_bounded:
                 break
     network.eval()
-    network._current = {}
+    network.forget_sample()
     timings["train"] = time.perf_counter() - t0
     return UnlearnResult(network.kohya_state_dict(), _metadata(backend, cfg, len(latents), len(history), targets),
                          history, timings, network)
+
+
+class Terms:
+    """One forward/backward pass of the chosen objective on a slice of the batch: its loss and
+    the statistics the progress bar shows (each a 0-dim tensor, summed over passes)."""
+
+    NAMES = ("stability", "forget_error", "bounded")
+    REPORTED = {"vdu": ("loss", "stability", "forget_error", "bounded"),
+                "gradient_ascent": ("loss", "forget_error"), "esd": ("loss",), "score_align": ("loss",)}
+
+    def __init__(self, backend, cfg, network, prior, profile, extra, amp, n_forget):
+        self.b, self.cfg, self.network, self.prior, self.profile = backend, cfg, network, prior, profile
+        self.extra, self.amp, self.n_forget = extra, amp, n_forget
+
+    def _denoise(self, x_t, t, c):
+        with torch.autocast(self.b.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self.b.denoise(x_t, t, c)
+
+    def __call__(self, x0, eps, t, c):
+        b, cfg = self.b, self.cfg
+        zero = torch.zeros((), device=x0.device)
+        x_t = b.schedule.add_noise(x0, eps, t)
+        pred = self._denoise(x_t, t, c)
+        if cfg.objective in ("vdu", "gradient_ascent"):
+            err = denoising_error(pred, b.schedule.target(x0, eps, t))
+            if cfg.objective == "gradient_ascent":
+                return gradient_ascent_loss(err), (zero, err.mean().detach(), zero)
+            T = b.schedule.num_train_timesteps
+            bound = cfg.bound * self.profile[(t * N_BOUND_BUCKETS // T).clamp(max=N_BOUND_BUCKETS - 1)]
+            stability = self.prior(self.network.layers, self.network.current_factors())
+            loss = vdu_loss(stability, err, bound, cfg.gamma, self.n_forget)
+            if cfg.variational:
+                loss = loss - cfg.gamma * self.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
+            return loss, (stability.detach(), err.mean().detach(), (err >= bound).float().mean())
+        with torch.no_grad(), self.network.disabled():
+            if cfg.objective == "esd":
+                u = self.extra["uncond"]
+                f_c, f_u = self._denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                         {k: torch.cat([c[k], u[k].expand_as(c[k])]) for k in c}).chunk(2)
+            else:
+                f_a = self._denoise(x_t, t, {k: self.extra["anchor"][k].expand_as(c[k]) for k in c})
+        loss = esd_loss(pred, f_c, f_u, cfg.esd_eta) if cfg.objective == "esd" else score_align_loss(pred, f_a)
+        return loss, (zero, zero, zero)
 
 
 def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:

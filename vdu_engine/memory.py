@@ -1,0 +1,98 @@
+"""Memory options of a run: precision, gradient checkpointing, micro-batches, encoder offload.
+
+None of them changes what is learned beyond floating-point rounding: a step's batch is drawn
+whole and then split (micro-batches, processes), checkpointing recomputes the same forward, and
+the LoRA factors and their optimizer state stay float32 under any precision. `--memory` names a
+combination; explicit flags win over it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+# What each preset sets (fields of UnlearnConfig). Measured in `benchmarks.speed` (README).
+MEMORY_PRESETS = {
+    # Nothing saved: the fastest step.
+    "fast": {},
+    # Half-precision forward and encoders off the accelerator: about half the activation memory
+    # at no cost in step time on a GPU.
+    "balanced": dict(precision="half", offload_encoders=True),
+    # Also recompute activations in the backward pass and run one image at a time: the least
+    # memory, about a third more time per step.
+    "low": dict(precision="half", offload_encoders=True, gradient_checkpointing=True, micro_batch_size=1),
+}
+PRECISIONS = ("auto", "fp32", "half", "bf16", "fp16")
+
+# Block classes whose forward is checkpointed as a unit: diffusers' and ComfyUI's (LDM) names.
+CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "ResBlock")
+
+
+def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype the frozen model's forward is autocast to, or None for no autocast.
+
+    auto: half precision on a CUDA GPU (bf16 where supported), float32 on the CPU, where bf16
+    matmuls are slower than float32 on most processors (see the speed benchmark). A model that is
+    already loaded in half precision runs as it is."""
+    if model_dtype != torch.float32 or precision == "fp32":
+        return None
+    if precision == "auto":
+        precision = "half" if device.type == "cuda" else "fp32"
+        if precision == "fp32":
+            return None
+    if precision == "half":
+        bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def checkpoint_blocks(root: nn.Module) -> List[nn.Module]:
+    return [m for m in root.modules() if type(m).__name__ in CHECKPOINT_BLOCKS]
+
+
+@contextmanager
+def checkpointed(blocks: List[nn.Module]) -> Iterator[None]:
+    """Gradient checkpointing by wrapping each block's forward for the duration of the run.
+
+    The blocks belong to the user's model: the wrapper is an instance attribute, removed after,
+    so the model's class, flags and behaviour outside the run are untouched. LoRA hooks fire
+    inside the recomputed forward with the step's fixed factors, so the recomputation matches."""
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@contextmanager
+def modules_on(modules: List[nn.Module], device) -> Iterator[None]:
+    """Move modules to `device` for the block and back to where each was after it."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
+def split(n: int, parts: int) -> List[slice]:
+    """`n` items into `parts` contiguous slices of near-equal size (the first ones larger)."""
+    q, r = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + q + (1 if i < r else 0))
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
