@@ -87,14 +87,19 @@ def cmd_unlearn(args) -> int:
     from tqdm import tqdm
     from .data import ForgetSet
     from .saving import check_output_path
+    from .distributed import Workers
     from .train import unlearn
     cfg = UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig)}).validate()
     out = check_output_path(args.out, args.overwrite)  # fail before hours of work, not after
     forget = ForgetSet.from_folder(args.images) if args.images else None
     if forget:
         forget.captions_for(cfg.concept)
+    workers = Workers()  # one process, or one of several under `accelerate launch`
+    if workers.active and args.device is None:
+        from accelerate import PartialState
+        args.device = str(PartialState().device)  # this process's GPU (or the CPU)
     backend = _backend(args)
-    bar = tqdm(total=cfg.steps, desc=f"{cfg.objective}", unit="step")
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.objective}", unit="step", disable=not workers.is_main)
 
     def progress(step, total, terms):
         bar.update(step - bar.n)
@@ -103,8 +108,11 @@ def cmd_unlearn(args) -> int:
         result = unlearn(backend, cfg, forget, progress=progress)
     finally:
         bar.close()
-    result.save(out, overwrite=args.overwrite)
-    print(f"wrote {out} ({len(result.lora) // 3} layers, {result.metadata['vdu_steps']} steps)")
+    if workers.is_main:  # every process holds the same factors; one writes them
+        result.save(out, overwrite=args.overwrite)
+        print(f"wrote {out} ({len(result.lora) // 3} layers, {result.metadata['vdu_steps']} steps"
+              + (f", {workers.world} processes)" if workers.active else ")"))
+    workers.barrier()
     return 0
 
 
