@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-quality clean
+.PHONY: setup demo test bench-quality bench-speed clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: setup
 
 bench-quality: setup
 	$(PY) -m benchmarks.quality --out out/quality
+
+bench-speed: setup
+	$(PY) -m benchmarks.speed --out out/speed
 
 clean:
 	rm -rf out .pytest_cache

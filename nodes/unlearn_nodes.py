@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from ..vdu_engine import OBJECTIVES, PRESETS, PRIORS, ForgetSet, UnlearnConfig, VDUError, unlearn
 from ..vdu_engine.layers import DEFAULT_PRESET
+from ..vdu_engine.memory import MEMORY_PRESETS
 
 CATEGORY = "unlearning"
 FORGET, LORA = "VDU_FORGET", "VDU_LORA"
@@ -145,10 +146,13 @@ class VDUUnlearn:
             "prior_sigma": ("FLOAT", {"default": d.prior_sigma, "min": 1e-6, "max": 100.0, "step": 1e-4}),
             "layers": (list(PRESETS), {"default": DEFAULT_PRESET}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True}),
+            "memory": (list(MEMORY_PRESETS), {"default": "fast", "tooltip": (
+                "fast: nothing saved. balanced: half-precision forward. low: also gradient checkpointing and "
+                "one image per pass (least memory, slowest). The learned LoRA is the same up to rounding.")}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
-            layers, seed):
+            layers, seed, memory="fast"):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
@@ -157,7 +161,7 @@ class VDUUnlearn:
         cfg = UnlearnConfig(objective=objective, concept=forget["concept"], anchor=forget["anchor"], steps=steps,
                             rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
-                            resolution=forget["resolution"])
+                            resolution=forget["resolution"], memory=memory)
         cfg.validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
