@@ -115,3 +115,37 @@ def forget_images(concept: str, n: int, seed: int = 7):
     kw = {"colours": [concept]} if info["kind"] == "colour" else {"shapes": [concept]}
     samples = dataset.generate(n, seed=seed, **kw)
     return ForgetSet.from_tensor(dataset.to_tensor(samples), [s.caption for s in samples], channels_last=False)
+
+
+def prompt_following(backend, evaluator: Evaluator, n: int, seed: int = 4321) -> Dict[str, float]:
+    """How well a model does what its prompts say: over every shape × colour × size × background
+    prompt (n samples cycling through them), the share whose colour, shape, and both are right;
+    and per shape, the share drawn as that shape."""
+    cells = expand(_cells(list(dataset.SHAPES), list(dataset.COLOURS)), n)
+    shapes, colours = evaluator.classify(sample_cells(backend, cells, seed))
+    out = {"colour_acc": sum(c == cell.colour for c, cell in zip(colours, cells)) / n,
+           "shape_acc": sum(s == cell.shape for s, cell in zip(shapes, cells)) / n,
+           "both_acc": sum(s == cell.shape and c == cell.colour for s, c, cell in zip(shapes, colours, cells)) / n}
+    for shape in dataset.SHAPES:
+        mine = [s for s, cell in zip(shapes, cells) if cell.shape == shape]
+        out[f"shape_acc_{shape}"] = sum(s == shape for s in mine) / max(len(mine), 1)
+    return out
+
+
+def main(argv=None):
+    """`python -m benchmarks.world_eval [--model DIR]`: the prompt-following numbers of a mini model."""
+    import argparse
+    from miniworld import EVALUATOR_DIR, MODEL_DIR
+    from vdu_engine import DiffusersBackend
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--samples", type=int, default=192)
+    args = p.parse_args(argv)
+    scores = prompt_following(DiffusersBackend.load(args.model, device="cpu"), Evaluator(EVALUATOR_DIR), args.samples)
+    print(f"prompt following of {args.model} ({args.samples} samples, DDIM {STEPS}, guidance {GUIDANCE}):")
+    for k, v in scores.items():
+        print(f"  {k:18}{v:7.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,16 +77,21 @@ def checkpointed(blocks: List[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def modules_on(modules: List[nn.Module], device) -> Iterator[None]:
-    """Move modules to `device` for the block and back to where each was after it."""
-    homes = [next(m.parameters()).device for m in modules]
-    for m in modules:
-        m.to(device)
+def temporarily(items, read, write, value) -> Iterator[None]:
+    """`write(item, value)` on each item for the block, then write back what `read(item)` gave."""
+    saved = [read(x) for x in items]
+    for x in items:
+        write(x, value)
     try:
         yield
     finally:
-        for m, home in zip(modules, homes):
-            m.to(home)
+        for x, old in zip(items, saved):
+            write(x, old)
+
+
+def modules_on(modules: List[nn.Module], device):
+    """Move modules to `device` for the block and back to where each was after it."""
+    return temporarily(modules, lambda m: next(m.parameters()).device, lambda m, d: m.to(d), device)
 
 
 def split(n: int, parts: int) -> List[slice]:

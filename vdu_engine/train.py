@@ -24,7 +24,7 @@ from .distributed import Workers
 from .errors import VDUError
 from .layers import select_targets
 from .lora import LoRANetwork
-from .memory import autocast_dtype, checkpointed, modules_on, split
+from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
 from .objectives import (denoising_error, esd_loss, gradient_ascent_loss, score_align_loss,
                          vdu_loss)
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
@@ -48,18 +48,9 @@ class UnlearnResult:
         return atomic_save_file(self.lora, path, self.metadata, overwrite=overwrite)
 
 
-@contextmanager
 def frozen(backend: Backend):
     """No gradients for the model's own weights during the run; flags restored after."""
-    params = backend.parameters()
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+    return temporarily(backend.parameters(), lambda p: p.requires_grad, lambda p, f: p.requires_grad_(f), False)
 
 
 def _forget_latents(backend, cfg, forget, resolution):
