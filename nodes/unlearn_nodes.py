@@ -147,8 +147,8 @@ class VDUUnlearn:
             "layers": (list(PRESETS), {"default": DEFAULT_PRESET}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True}),
             "memory": (list(MEMORY_PRESETS), {"default": "fast", "tooltip": (
-                "fast: nothing saved. balanced: half-precision forward. low: also gradient checkpointing and "
-                "one image per pass (least memory, slowest). The learned LoRA is the same up to rounding.")}),
+                "fast: nothing saved. balanced: one image per forward/backward pass. low: also gradient "
+                "checkpointing (least memory, slowest). The learned LoRA is the same up to rounding.")}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,

@@ -60,9 +60,9 @@ def test_half_precision_trains_float32_factors(tiny_sd1, fast_config):
 def test_memory_preset_sets_options_and_explicit_flags_win():
     low = UnlearnConfig(concept="x", memory="low").validate()
     assert (low.precision, low.gradient_checkpointing, low.micro_batch_size, low.offload_encoders) == \
-        ("half", True, 1, True)
-    mine = UnlearnConfig(concept="x", memory="low", micro_batch_size=2, precision="fp32").validate()
-    assert (mine.micro_batch_size, mine.precision, mine.gradient_checkpointing) == (2, "fp32", True)
+        ("auto", True, 1, True)
+    mine = UnlearnConfig(concept="x", memory="low", micro_batch_size=2, gradient_checkpointing=False).validate()
+    assert (mine.micro_batch_size, mine.gradient_checkpointing, mine.offload_encoders) == (2, True, True)
     assert not UnlearnConfig(concept="x", memory="low", train_text_encoder=True).validate().offload_encoders
     with pytest.raises(VDUError, match="--memory: 'tiny' is not one of fast, balanced, low"):
         UnlearnConfig(concept="x", memory="tiny").validate()
