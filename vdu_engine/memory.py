@@ -39,12 +39,10 @@ def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtyp
     auto: half precision on a CUDA GPU (bf16 where supported), float32 on the CPU, where bf16
     matmuls are slower than float32 on most processors (see the speed benchmark). A model that is
     already loaded in half precision runs as it is."""
-    if model_dtype != torch.float32 or precision == "fp32":
-        return None
     if precision == "auto":
         precision = "half" if device.type == "cuda" else "fp32"
-        if precision == "fp32":
-            return None
+    if model_dtype != torch.float32 or precision == "fp32":
+        return None
     if precision == "half":
         bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float16
