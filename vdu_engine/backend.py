@@ -112,7 +112,7 @@ class Backend(ABC):
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] → scaled latents [B, C, H/8, W/8] (no grad)."""
+        """Images [B, 3, H, W] in [-1, 1] → scaled latents [B, C, H/f, W/f] (no grad; f = vae_scale_factor)."""
 
     @abstractmethod
     def encode_text(self, prompts: List[str]) -> Cond:
@@ -127,8 +127,12 @@ class Backend(ABC):
     def targets(self) -> List[AdaptTarget]:
         """Every Linear/Conv2d of the UNet and text encoder(s) a LoRA may adapt."""
 
+    #: pixels per latent cell along each side (8 for every SD VAE)
+    vae_scale_factor: int = 8
+
     def latent_shape(self, resolution: int) -> tuple:
-        return (4, resolution // 8, resolution // 8)
+        f = self.vae_scale_factor
+        return (4, resolution // f, resolution // f)
 
     @abstractmethod
     def parameters(self) -> List[nn.Parameter]:

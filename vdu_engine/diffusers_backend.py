@@ -39,7 +39,9 @@ class DiffusersBackend(Backend):
         xattn = unet.config.cross_attention_dim
         self.base_model_version = ("sdxl_base_v1-0" if self.is_sdxl else
                                    "sd_v2" if xattn == 1024 else "sd_v1")
-        self.resolution = int(unet.config.sample_size) * 8
+        # Read from the VAE rather than assumed: a small VAE may downsample less than SD's 8×.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.resolution = int(unet.config.sample_size) * self.vae_scale_factor
         self._hash = None
         for m in (unet, vae, *text_encoders):
             m.to(self.device)
