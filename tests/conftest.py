@@ -42,7 +42,7 @@ def fast_config(tmp_path):
 
     def make(**kw):
         base = dict(concept="a red circle", anchor="a blue square", steps=4, num_images=2, batch_size=2,
-                    sample_steps=2, fisher_samples=2, resolution=64, cache_dir=str(tmp_path / "cache"))
+                    sample_steps=2, fisher_samples=2, resolution=16, cache_dir=str(tmp_path / "cache"))
         base.update(kw)
         return UnlearnConfig(**base)
     return make

@@ -110,12 +110,12 @@ def test_nan_loss_stops_the_run(tiny_sd1, fast_config):
 def test_cli_end_to_end(tmp_path, tiny_sd1, red_images):
     out = tmp_path / "forget.safetensors"
     proc = run_cli("unlearn", tiny_sd1, "--images", red_images, "--concept", "a red circle", "--out", out,
-                   "--steps", "3", "--resolution", "64", "--prior", "isotropic", "--device", "cpu")
+                   "--steps", "3", "--resolution", "16", "--prior", "isotropic", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert out.exists() and "wrote" in proc.stdout and "vdu" in proc.stderr  # tqdm bar on stderr
     grid = tmp_path / "grid.png"
     proc = run_cli("sample", tiny_sd1, "--lora", out, "--prompts", "a red circle", "a blue square",
-                   "--out", grid, "--steps", "2", "--resolution", "64", "--device", "cpu")
+                   "--out", grid, "--steps", "2", "--resolution", "16", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     img = Image.open(grid)
     assert img.size[0] > 2 * 64 and img.size[1] > 2 * 64

@@ -72,7 +72,7 @@ def test_memory_preset_sets_options_and_explicit_flags_win():
 
 def _cli_args(tiny_sd1, red_images, out, cache):
     return ["unlearn", str(tiny_sd1), "--images", str(red_images), "--concept", "a red circle", "--out", str(out),
-            "--device", "cpu", "--steps", str(STEPS), "--batch-size", "4", "--resolution", "64",
+            "--device", "cpu", "--steps", str(STEPS), "--batch-size", "4", "--resolution", "16",
             "--fisher-samples", "2", "--sample-steps", "2", "--stop-when-bounded", "0", "--cache-dir", str(cache)]
 
 

@@ -112,3 +112,15 @@ def test_progress_callback_and_should_stop(tiny_sd1, fast_config):
     assert [s for s, _, _ in seen] == [1, 2, 3] and seen[0][1] == 10
     assert {"loss", "stability", "forget_error"} <= set(seen[0][2])
     assert len(result.history) == 3
+
+
+def test_fisher_prompts_keep_the_captions_context_without_the_concept():
+    from vdu_engine import UnlearnConfig
+    from vdu_engine.train import fisher_prompts
+    caps = ["a small red circle on a grey background", "a large Red square on a white background",
+            "a small crimson circle on a grey background", "red"]
+    got = fisher_prompts(UnlearnConfig(concept="red"), caps)
+    # the concept's word is gone, the synonym caption is not protected, "red" alone adds nothing
+    assert got == ["", "a large square on a white background", "a small circle on a grey background"]
+    assert fisher_prompts(UnlearnConfig(concept="reddish"), caps) == [""]  # whole words only
+    assert fisher_prompts(UnlearnConfig(concept="red", fisher_prompts=["x"]), caps) == ["x"]  # explicit wins

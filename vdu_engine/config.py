@@ -30,7 +30,7 @@ class UnlearnConfig:
     prior_sigma: float = 10.0  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
     fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
-    fisher_prompts: List[str] = field(default_factory=lambda: [""])  # prompts for those images ("" = unconditional)
+    fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
     bound: float = 1.5  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -80,20 +81,34 @@ def _encode_unique(backend, prompts):
     return cond_index(cond, index.to(next(iter(cond.values())).device))
 
 
-def _build_prior(backend, cfg, targets, resolution, workers) -> PriorEnergy:
+def fisher_prompts(cfg, captions: List[str]) -> List[str]:
+    """The prompts of the images the Fisher prior is estimated on. By default: the unconditional
+    prompt, and each forget caption that names the concept with the concept taken out ("a small
+    red circle" → "a small circle"), so the weights the rest of those captions rely on are held
+    tight and only what is specific to the concept is free to move. Captions that name it
+    another way (a synonym) are left out: protecting them would protect the concept."""
+    if cfg.fisher_prompts:
+        return list(cfg.fisher_prompts)
+    word = re.compile(r"\b" + re.escape(cfg.concept.strip()) + r"\b", re.IGNORECASE) if cfg.concept.strip() else None
+    rest = {" ".join(word.sub(" ", c).split()) for c in captions if word and word.search(c)}
+    return [""] + sorted(rest - {""})
+
+
+def _build_prior(backend, cfg, targets, resolution, workers, captions) -> PriorEnergy:
     if cfg.prior == "isotropic":
         return isotropic_prior(cfg.prior_sigma)
     if cfg.prior == "ensemble":
         others = [backend.target_weights_from(path, [t.key for t in targets]) for path in cfg.ensemble]
         return ensemble_prior(targets, others, cfg.prior_sigma)
-    spec = dict(n=cfg.fisher_samples, prompts=cfg.fisher_prompts, res=resolution, seed=cfg.seed,
+    prompts = fisher_prompts(cfg, captions)
+    spec = dict(n=cfg.fisher_samples, prompts=prompts, res=resolution, seed=cfg.seed,
                 steps=cfg.sample_steps, guidance=cfg.guidance)
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vdu-unlearn")
 
     def compute():
-        prompts = [cfg.fisher_prompts[i % len(cfg.fisher_prompts)] for i in range(cfg.fisher_samples)]
-        lat = ddim_latents(backend, prompts, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
-        return diagonal_fisher(backend, targets, lat.to(backend.dtype), _encode_unique(backend, prompts), cfg.seed)
+        cycled = [prompts[i % len(prompts)] for i in range(cfg.fisher_samples)]
+        lat = ddim_latents(backend, cycled, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
+        return diagonal_fisher(backend, targets, lat.to(backend.dtype), _encode_unique(backend, cycled), cfg.seed)
     path = fisher_cache_path(cache, backend, targets, spec)
     if not workers.is_main:
         workers.barrier()  # the main process computes and caches it; the others read it
@@ -177,7 +192,7 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
         raise VDUError(f"layer preset {cfg.layers!r} matches no layer of this model; choose --layers all")
     network = LoRANetwork(targets, cfg.rank, cfg.alpha, cfg.variational, seed=cfg.seed).to(dev)
     t0 = time.perf_counter()
-    prior = _build_prior(backend, cfg, targets, resolution, workers).to(dev) if cfg.objective == "vdu" else None
+    prior = _build_prior(backend, cfg, targets, resolution, workers, captions).to(dev) if cfg.objective == "vdu" else None
     timings["prior"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     profile = (workers.broadcast(_error_profile(backend, latents, cond, cfg.seed).to(dev))
