@@ -1,9 +1,7 @@
 """The mini Stable Diffusion: the same diffusers classes as SD 1.x, in tiny configs.
 
-32×32 images ↔ 4×16×16 latents (a 2-level KL VAE: one downsampling, because at 8×8 the corners
-of a small square or triangle did not survive the round trip), a 3-level UNet with
-cross-attention at its two lower levels, as SD has at most of its levels, and a 2-layer CLIP text
-encoder over the world's own vocabulary.
+32×32 images ↔ 4×8×8 latents (a 3-level KL VAE), a 2-level UNet with cross-attention at both
+levels, and a 2-layer CLIP text encoder over the world's own vocabulary.
 """
 
 from __future__ import annotations
@@ -17,17 +15,17 @@ MAX_TOKENS = 16
 
 def build_vae():
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=16, sample_size=32)
 
 
 def build_unet():
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
 
 

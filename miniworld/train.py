@@ -1,4 +1,4 @@
-"""Train the mini Stable Diffusion from scratch on the procedural world (2 CPU cores, ~30 min).
+"""Train the mini Stable Diffusion from scratch on the procedural world (2 CPU cores, ~20 min).
 
     python -m miniworld.train --out models/miniworld
     python -m miniworld.train --out cache/retrained-red --exclude colour=red --vae-from models/miniworld
@@ -28,8 +28,8 @@ from .tokenizer import write_clip_tokenizer
 def train_vae(images: torch.Tensor, steps: int, seed: int, log):
     torch.manual_seed(seed)
     vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         x = images[torch.randint(0, len(images), (64,), generator=g)] * 2 - 1
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--exclude", default=None, help="leave a concept out of the data, e.g. colour=red or shape=circle")
     p.add_argument("--vae-from", default=None, help="reuse this model's VAE (and latent scale) instead of training one")
     p.add_argument("--images", type=int, default=30000, help="training images generated")
-    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
