@@ -59,6 +59,7 @@ def main(argv=None):
     p.add_argument("--no-retrained", action="store_true", help="skip the retrained reference")
     p.add_argument("--cache", default=str(ROOT / "cache"))
     args = p.parse_args(argv)
+    t_run = time.time()
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(EVALUATOR_DIR)
@@ -99,13 +100,15 @@ def main(argv=None):
         report["concepts"][concept] = rows
         cols = [f"{concept} #{i + 1}" for i in range(6)] + [f"other #{i + 1}" for i in range(6)]
         to_pil_grid(grid_rows, labels, cols).save(out / f"grid_{concept}.png")
+    report["seconds_this_run"] = round(time.time() - t_run, 1)
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "quality.md").write_text(markdown(report))
     print(markdown(report))
 
 
 def markdown(report) -> str:
-    lines = [f"Samples per cell: {report['samples_per_cell']}; machine: {report['machine']}.", ""]
+    lines = [f"Samples per cell: {report['samples_per_cell']}; machine: {report['machine']}; "
+             f"this run took {report.get('seconds_this_run', 0) / 60:.1f} min.", ""]
     for concept, rows in report["concepts"].items():
         lines += [f"### Forgetting `{concept}`", "",
                   "| model | forget rate ↓ | synonym forget rate ↓ | retain acc ↑ | neighbour acc ↑ | u-FID ↓ | seconds | steps |",

@@ -56,8 +56,10 @@ def prompt_sets(concept: str) -> Dict[str, List[Cell]]:
 
 
 def expand(cells: List[Cell], n: int) -> List[Cell]:
-    """n cells cycling through the set, so every prompt is sampled about equally."""
-    return [cells[i % len(cells)] for i in range(n)]
+    """n cells: whole passes through the set, then the remainder spread evenly over it (not its
+    first cells, which would over-weight the first shape), so every prompt is sampled equally ±1."""
+    full, rem = divmod(n, len(cells))
+    return cells * full + [cells[i * len(cells) // rem] for i in range(rem)]
 
 
 def sample_cells(backend, cells: List[Cell], seed: int, network=None) -> torch.Tensor:
