@@ -134,8 +134,20 @@ def prompt_following(backend, evaluator: Evaluator, n: int, seed: int = 4321) ->
     return out
 
 
+@torch.no_grad()
+def vae_roundtrip(backend, evaluator: Evaluator, n: int, seed: int = 555) -> Dict[str, float]:
+    """Per shape, the share of real images the classifier still recognises after the model's
+    VAE encodes and decodes them: what the latents can carry at all."""
+    samples = dataset.generate(n, seed=seed)
+    x = dataset.to_tensor(samples)
+    shapes = evaluator.classify_shape(backend.decode_latents(backend.encode_images(x * 2 - 1)))
+    return {s: sum(p == s for p, r in zip(shapes, samples) if r.shape == s) /
+            max(sum(r.shape == s for r in samples), 1) for s in dataset.SHAPES}
+
+
 def main(argv=None):
-    """`python -m benchmarks.world_eval [--model DIR]`: the prompt-following numbers of a mini model."""
+    """`python -m benchmarks.world_eval [--model DIR]`: the prompt-following numbers of a mini
+    model, and how well shapes survive its VAE."""
     import argparse
     from miniworld import EVALUATOR_DIR, MODEL_DIR
     from vdu_engine import DiffusersBackend
@@ -143,9 +155,13 @@ def main(argv=None):
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--samples", type=int, default=192)
     args = p.parse_args(argv)
-    scores = prompt_following(DiffusersBackend.load(args.model, device="cpu"), Evaluator(EVALUATOR_DIR), args.samples)
+    backend, evaluator = DiffusersBackend.load(args.model, device="cpu"), Evaluator(EVALUATOR_DIR)
+    scores = prompt_following(backend, evaluator, args.samples)
     print(f"prompt following of {args.model} ({args.samples} samples, DDIM {STEPS}, guidance {GUIDANCE}):")
     for k, v in scores.items():
+        print(f"  {k:18}{v:7.1%}")
+    print("shapes recognised after a VAE round trip of 512 real images:")
+    for k, v in vae_roundtrip(backend, evaluator, 512).items():
         print(f"  {k:18}{v:7.1%}")
 
 

@@ -104,3 +104,14 @@ def test_one_quick_benchmark_cell(tmp_path):
     for r in rows.values():
         assert set(quality.KEYS) <= set(r) and 0 <= r["forget_rate"] <= 1
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
+
+
+def test_vae_roundtrip_and_sweep_side_runs(tmp_path, capsys):
+    from benchmarks import sweep
+    from benchmarks.world_eval import vae_roundtrip
+    from vdu_engine import DiffusersBackend
+    kept = vae_roundtrip(DiffusersBackend.load(MODEL_DIR, device="cpu"), Evaluator(EVALUATOR_DIR), 64)
+    assert set(kept) == set(dataset.SHAPES) and kept["circle"] >= 0.8 and kept["ellipse"] >= 0.8
+    sweep.main(["--samples", "8", "--images", "8", "--cache", str(tmp_path), "base", '{"steps": 2}'])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "forget_rate=" in ln]
+    assert len(lines) == 2 and lines[0].startswith("base") and "steps=2" in lines[1]

@@ -89,8 +89,10 @@ def fisher_prompts(cfg, captions: List[str]) -> List[str]:
     another way (a synonym) are left out: protecting them would protect the concept."""
     if cfg.fisher_prompts:
         return list(cfg.fisher_prompts)
-    word = re.compile(r"\b" + re.escape(cfg.concept.strip()) + r"\b", re.IGNORECASE) if cfg.concept.strip() else None
-    rest = {" ".join(word.sub(" ", c).split()) for c in captions if word and word.search(c)}
+    if not cfg.concept.strip():
+        return [""]
+    word = re.compile(r"\b" + re.escape(cfg.concept.strip()) + r"\b", re.IGNORECASE)
+    rest = {" ".join(word.sub(" ", c).split()) for c in captions if word.search(c)}
     return [""] + sorted(rest - {""})
 
 
