@@ -19,7 +19,9 @@ from miniworld import dataset
 from miniworld.evaluator import MIN_REGION, Evaluator, colour_area, frechet_distance
 from vdu_engine.sampling import ddim_sample
 
-GUIDANCE, STEPS = 5.0, 20
+# DDIM 10 measures the same as 20 within sampling noise (colour 97.9 vs 99.0 %, shape 50.0 vs
+# 49.0 %, red forget rate 96.9 vs 97.7 %, 192/128 samples) at half the time: the benchmark fits 20 min.
+GUIDANCE, STEPS = 5.0, 10
 SIZES, BACKGROUNDS = list(dataset.SIZES), list(dataset.BACKGROUNDS)
 
 
