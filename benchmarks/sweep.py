@@ -34,7 +34,7 @@ def main(argv=None):
         if run != "base":
             settings = json.loads(run)
             n = settings.pop("images", args.images)
-            cfg = UnlearnConfig(concept=args.concept, cache_dir=args.cache, seed=0, **settings)
+            cfg = UnlearnConfig(**{"concept": args.concept, "cache_dir": args.cache, "seed": 0, **settings})
             result = unlearn(backend, cfg, world_eval.forget_images(args.concept, n) if n else None)
             network, steps = result.network, len(result.history)
         m = world_eval.evaluate(backend, evaluator, args.concept, args.samples, network=network, real_retain=real)
