@@ -64,9 +64,9 @@ def expand(cells: List[Cell], n: int) -> List[Cell]:
     return cells * full + [cells[i * len(cells) // rem] for i in range(rem)]
 
 
-def sample_cells(backend, cells: List[Cell], seed: int, network=None) -> torch.Tensor:
+def sample_cells(backend, cells: List[Cell], seed: int, network=None, steps: Optional[int] = None) -> torch.Tensor:
     prompts = [c.prompt for c in cells]
-    kw = dict(steps=STEPS, guidance=GUIDANCE, batch_size=256)
+    kw = dict(steps=steps or STEPS, guidance=GUIDANCE, batch_size=256)
     if network is None:
         return ddim_sample(backend, prompts, seed, **kw)
     with network.attached():
@@ -121,12 +121,13 @@ def forget_images(concept: str, n: int, seed: int = 7):
     return ForgetSet.from_tensor(dataset.to_tensor(samples), [s.caption for s in samples], channels_last=False)
 
 
-def prompt_following(backend, evaluator: Evaluator, n: int, seed: int = 4321) -> Dict[str, float]:
+def prompt_following(backend, evaluator: Evaluator, n: int, seed: int = 4321,
+                     steps: Optional[int] = None) -> Dict[str, float]:
     """How well a model does what its prompts say: over every shape × colour × size × background
     prompt (n samples cycling through them), the share whose colour, shape, and both are right;
     and per shape, the share drawn as that shape."""
     cells = expand(_cells(list(dataset.SHAPES), list(dataset.COLOURS)), n)
-    shapes, colours = evaluator.classify(sample_cells(backend, cells, seed))
+    shapes, colours = evaluator.classify(sample_cells(backend, cells, seed, steps=steps))
     out = {"colour_acc": sum(c == cell.colour for c, cell in zip(colours, cells)) / n,
            "shape_acc": sum(s == cell.shape for s, cell in zip(shapes, cells)) / n,
            "both_acc": sum(s == cell.shape and c == cell.colour for s, c, cell in zip(shapes, colours, cells)) / n}
@@ -156,10 +157,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--samples", type=int, default=192)
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps (the benchmark's by default)")
     args = p.parse_args(argv)
     backend, evaluator = DiffusersBackend.load(args.model, device="cpu"), Evaluator(EVALUATOR_DIR)
-    scores = prompt_following(backend, evaluator, args.samples)
-    print(f"prompt following of {args.model} ({args.samples} samples, DDIM {STEPS}, guidance {GUIDANCE}):")
+    scores = prompt_following(backend, evaluator, args.samples, steps=args.steps)
+    print(f"prompt following of {args.model} ({args.samples} samples, DDIM {args.steps}, guidance {GUIDANCE}):")
     for k, v in scores.items():
         print(f"  {k:18}{v:7.1%}")
     print("shapes recognised after a VAE round trip of 512 real images:")
