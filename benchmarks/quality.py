@@ -28,7 +28,7 @@ KEYS = ("forget_rate", "synonym_forget_rate", "retain_acc", "neighbour_acc", "uf
 
 
 def retrained(concept: str, cache: Path) -> Path:
-    """The model trained from scratch without the concept (cached; ~29 min on 2 CPU cores)."""
+    """The model trained from scratch without the concept (cached; 20–30 min on 2 CPU cores)."""
     from miniworld import dataset
     from miniworld.train import main as train
     path = cache / f"retrained-{concept}"

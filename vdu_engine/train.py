@@ -36,6 +36,7 @@ from .saving import atomic_save_file
 Progress = Callable[[int, int, Dict[str, float]], None]
 N_BOUND_BUCKETS = 10
 PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
+PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
 
 
 @dataclass
@@ -136,8 +137,8 @@ def _error_profile(backend, latents, cond, seed) -> torch.Tensor:
         eps = torch.randn(x0.shape, generator=g).to(x0)
         t, idx = t.to(backend.device), idx.to(backend.device)
         errs = []
-        for c in range(0, n, 8):  # passes of 8: the memory of a training batch, not of 32 images
-            s = slice(c, c + 8)
+        for c in range(0, n, PROFILE_PASS):
+            s = slice(c, c + PROFILE_PASS)
             pred = backend.denoise(backend.schedule.add_noise(x0[s], eps[s], t[s]), t[s], cond_index(cond, idx[s]))
             errs.append(denoising_error(pred, backend.schedule.target(x0[s], eps[s], t[s])))
         prof[b] = torch.cat(errs).mean().cpu()
