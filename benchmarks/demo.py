@@ -48,10 +48,10 @@ def main(argv=None):
         print(f"{label:22}{before['metrics'][key]:>10.1%}{after['metrics'][key]:>10.1%}")
 
     cols = 8
-    rows = [before["images"]["forget"][:cols], after["images"]["forget"][:cols],
-            before["images"]["retain"][:cols], after["images"]["retain"][:cols]]
+    spread = lambda imgs: imgs[::max(1, len(imgs) // cols)][:cols]  # across shapes and colours, not the first prompts
+    rows = [spread(ev["images"][s]) for s in ("forget", "retain") for ev in (before, after)]
     grid = to_pil_grid(rows, ["red: before", "red: after", "others: before", "others: after"],
-                       [f"seed {1234 + i}" for i in range(cols)])
+                       [f"sample {i * max(1, args.samples // cols) + 1}" for i in range(cols)])
     grid.save(out / "before_after.png")
     print(f"\nwrote {out / 'before_after.png'}")
 

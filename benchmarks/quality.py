@@ -16,14 +16,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks import world_eval
 from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT
 from miniworld.evaluator import Evaluator
 from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
 from vdu_engine.grid import to_pil_grid
 
+GRID_SEED = 1234  # every row of a grid draws the same prompts from the same noise (the first training seed's run)
 KEYS = ("forget_rate", "synonym_forget_rate", "retain_acc", "neighbour_acc", "ufid", "seconds", "steps")
 
 
@@ -38,6 +37,13 @@ def retrained(concept: str, cache: Path) -> Path:
         train(["--out", str(path), "--exclude", f"{kind if kind == 'shape' else 'colour'}={concept}",
                "--vae-from", str(MODEL_DIR)])
     return path
+
+
+def grid_cells(concept: str, per_set: int = 6):
+    """The grid's columns: prompts spread over the forget set, then over the retain set."""
+    sets = world_eval.prompt_sets(concept)
+    spread = lambda cells: cells[::max(1, len(cells) // per_set)][:per_set]
+    return spread(sets["forget"]) + spread(sets["retain"])
 
 
 def runs(concept: str, sizes, quick: bool):
@@ -56,6 +62,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=256, help="samples per prompt set and model")
     p.add_argument("--forget-images", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--steps", type=int, default=None, help="override every run's steps (quick checks)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training runs per setting (seeds 0..N-1); each cell's samples are split among them")
     p.add_argument("--no-retrained", action="store_true", help="skip the retrained reference")
     p.add_argument("--cache", default=str(ROOT / "cache"))
     args = p.parse_args(argv)
@@ -64,20 +72,22 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(EVALUATOR_DIR)
     base = DiffusersBackend.load(MODEL_DIR, device="cpu")
-    report = {"machine": "2 CPU cores", "samples_per_cell": args.samples, "concepts": {}}
+    report = {"machine": "2 CPU cores", "samples_per_cell": args.samples, "training_seeds": args.seeds, "concepts": {}}
     previous = out / "quality.json"
     if previous.exists():  # concepts run separately land in one report
         old = json.loads(previous.read_text())
-        if old.get("samples_per_cell") == args.samples:
+        if (old.get("samples_per_cell"), old.get("training_seeds", 1)) == (args.samples, args.seeds):
             report["concepts"].update(old["concepts"])
     for concept in args.concepts:
         real = world_eval.real_images(concept, args.samples)
         rows, grid_rows, labels = {}, [], []
 
-        def record(name, ev, seconds, steps):
+        cells = grid_cells(concept)
+
+        def record(name, ev, seconds, steps, backend=base, network=None):
             rows[name] = {**{k: round(v, 4) for k, v in ev["metrics"].items()},
                           "seconds": round(seconds, 1), "steps": steps}
-            grid_rows.append(torch.cat([ev["images"]["forget"][:6], ev["images"]["retain"][:6]]))
+            grid_rows.append(world_eval.sample_cells(backend, cells, GRID_SEED, network))
             labels.append(name)
             print(f"  {name:28} " + "  ".join(f"{k}={rows[name].get(k)}" for k in KEYS), flush=True)
 
@@ -86,20 +96,22 @@ def main(argv=None):
         if not args.no_retrained:
             ref = DiffusersBackend.load(retrained(concept, cache), device="cpu")
             record("retrained without concept", world_eval.evaluate(ref, evaluator, concept, args.samples,
-                                                                    real_retain=real), 0.0, 0)
+                                                                    real_retain=real), 0.0, 0, backend=ref)
         for name, objective, n_images, extra in runs(concept, args.forget_images, False):
-            cfg = UnlearnConfig(objective=objective, concept=concept, cache_dir=str(cache), seed=0, **extra)
-            if args.steps:
-                cfg.steps = args.steps
             forget = world_eval.forget_images(concept, n_images) if n_images else None
-            t0 = time.time()
-            result = unlearn(base, cfg, forget)
-            seconds = time.time() - t0
-            ev = world_eval.evaluate(base, evaluator, concept, args.samples, network=result.network, real_retain=real)
-            record(name, ev, seconds, len(result.history))
+            networks, steps, t0 = [], 0, time.time()
+            for seed in range(args.seeds):  # one run is one draw: average over training seeds
+                cfg = UnlearnConfig(objective=objective, concept=concept, cache_dir=str(cache), seed=seed, **extra)
+                if args.steps:
+                    cfg.steps = args.steps
+                result = unlearn(base, cfg, forget)
+                networks.append(result.network)
+                steps += len(result.history) / args.seeds
+            seconds = (time.time() - t0) / args.seeds
+            ev = world_eval.evaluate(base, evaluator, concept, args.samples, network=networks, real_retain=real)
+            record(name, ev, seconds, round(steps), network=networks[0])
         report["concepts"][concept] = rows
-        cols = [f"{concept} #{i + 1}" for i in range(6)] + [f"other #{i + 1}" for i in range(6)]
-        to_pil_grid(grid_rows, labels, cols).save(out / f"grid_{concept}.png")
+        to_pil_grid(grid_rows, labels, [f"{c.colour} {c.shape}" for c in cells]).save(out / f"grid_{concept}.png")
     report["seconds_this_run"] = round(time.time() - t_run, 1)
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "quality.md").write_text(markdown(report))
@@ -107,7 +119,8 @@ def main(argv=None):
 
 
 def markdown(report) -> str:
-    lines = [f"Samples per cell: {report['samples_per_cell']}; machine: {report['machine']}; "
+    lines = [f"Samples per cell: {report['samples_per_cell']}, split over {report.get('training_seeds', 1)} training "
+             f"seeds per setting (seconds and steps: per run); machine: {report['machine']}; "
              f"this run took {report.get('seconds_this_run', 0) / 60:.1f} min.", ""]
     for concept, rows in report["concepts"].items():
         lines += [f"### Forgetting `{concept}`", "",

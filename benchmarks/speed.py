@@ -37,7 +37,8 @@ from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
 from vdu_engine.layers import select_targets
 from vdu_engine.memory import autocast_dtype
 
-OBJECTIVES = {"vdu": {}, "vdu (isotropic prior)": dict(prior="isotropic"), "esd": dict(objective="esd"),
+OBJECTIVES = {"vdu": {}, "vdu (no replay)": dict(replay=0.0), "vdu (isotropic prior)": dict(prior="isotropic"),
+              "esd": dict(objective="esd"),
               "score_align": dict(objective="score_align", anchor="a blue circle"),
               "gradient_ascent": dict(objective="gradient_ascent")}
 MEMORY_OPTIONS = {"fast (fp32)": dict(memory="fast"), "bf16": dict(precision="bf16"),

@@ -3,8 +3,9 @@
     python -m benchmarks.sweep --concept red --images 32 --samples 128 '{"objective": "esd", "lr": 0.01}'
 
 Each positional argument is a JSON object of UnlearnConfig fields; "base" evaluates the model
-as loaded. `"images": N` in an object overrides --images (0 = prompt-only). Prints one line of
-metrics per run, the numbers the README's side runs cite.
+as loaded. `"images": N` in an object overrides --images (0 = prompt-only); `"seed": S` trains
+seeds S .. S + --seeds − 1 (the samples are split among the runs). Prints one line of metrics
+per setting, the numbers the README's side runs cite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv=None):
     p.add_argument("--concept", default="red")
     p.add_argument("--images", type=int, default=32, help="forget images (0 = prompt-only)")
     p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seeds", type=int, default=1, help="training runs per setting, samples split among them")
     p.add_argument("--cache", default=str(ROOT / "cache"))
     args = p.parse_args(argv)
     backend, evaluator = DiffusersBackend.load(MODEL_DIR, device="cpu"), Evaluator(EVALUATOR_DIR)
@@ -34,12 +36,17 @@ def main(argv=None):
         if run != "base":
             settings = json.loads(run)
             n = settings.pop("images", args.images)
-            cfg = UnlearnConfig(**{"concept": args.concept, "cache_dir": args.cache, "seed": 0, **settings})
-            result = unlearn(backend, cfg, world_eval.forget_images(args.concept, n) if n else None)
-            network, steps = result.network, len(result.history)
+            first = settings.pop("seed", 0)
+            forget = world_eval.forget_images(args.concept, n) if n else None
+            network = []
+            for seed in range(first, first + args.seeds):
+                cfg = UnlearnConfig(**{"concept": args.concept, "cache_dir": args.cache, "seed": seed, **settings})
+                result = unlearn(backend, cfg, forget)
+                network.append(result.network)
+                steps += len(result.history) / args.seeds
         m = world_eval.evaluate(backend, evaluator, args.concept, args.samples, network=network, real_retain=real)
         print(f"{run:50} " + " ".join(f"{k}={v:.3f}" for k, v in m["metrics"].items())
-              + f" seconds={time.time() - t0:.0f} steps={steps}", flush=True)
+              + f" seconds={time.time() - t0:.0f} steps={steps:.0f}", flush=True)
 
 
 if __name__ == "__main__":

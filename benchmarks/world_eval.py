@@ -82,14 +82,24 @@ def shows(concept: str, images: torch.Tensor, shapes: List[str]) -> List[bool]:
     return [s == concept for s in shapes]
 
 
+def _sample_split(backend, cells: List[Cell], seed: int, networks) -> tuple:
+    """Each network draws every len(networks)-th cell (so each sees the whole prompt set); the
+    cells come back reordered network by network, with their images."""
+    parts = [(cells[j::len(networks)], net) for j, net in enumerate(networks)]
+    imgs = torch.cat([sample_cells(backend, part, seed + j, net) for j, (part, net) in enumerate(parts) if part])
+    return [c for part, _ in parts for c in part], imgs
+
+
 def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 1234, network=None,
              real_retain: Optional[torch.Tensor] = None) -> Dict[str, object]:
-    """The metrics of one model (optionally with a LoRA network attached)."""
+    """The metrics of one model, optionally with a LoRA network attached. `network` may be a
+    list (the runs of one setting with different training seeds): the n samples of each set are
+    split evenly among them, so the metrics average over training runs at the cost of one."""
+    networks = network if isinstance(network, (list, tuple)) else [network]
     sets = prompt_sets(concept)
     result, images = {}, {}
     for name in ("forget", "synonym", "neighbour", "retain"):
-        cells = expand(sets[name], n)
-        imgs = sample_cells(backend, cells, seed, network)
+        cells, imgs = _sample_split(backend, expand(sets[name], n), seed, networks)
         images[name] = imgs
         shapes, colours = evaluator.classify(imgs)
         if name in ("forget", "synonym"):

@@ -72,6 +72,7 @@ def test_not_a_model_and_unsupported_architecture(tmp_path, red_images):
     ("--gamma", "1.5", "--gamma"), ("--steps", "0", "--steps"), ("--lr", "-1", "--lr"),
     ("--prior", "laplace", "--prior"), ("--objective", "magic", "--objective"),
     ("--layers", "everything", "--layers"), ("--t-min", "1.0", "--t-min"), ("--resolution", "30", "--resolution"),
+    ("--replay", "-1", "--replay"),
 ])
 def test_out_of_range_settings(flag, value, needle, tmp_path, tiny_sd1, red_images):
     proc = run_cli("unlearn", tiny_sd1, "--concept", "x", "--images", red_images, "--out", tmp_path / "o.safetensors", flag, value)

@@ -103,3 +103,31 @@ def test_ensemble_prior_uses_mean_and_variance(tiny_sd1):
         theta = w + _explicit_delta(t, net.layers[t.key])
         hand = hand + ((theta - mu) ** 2 / (2 * (var + 0.01 ** 2))).sum()
     torch.testing.assert_close(prior(net.layers, factors), hand, rtol=1e-4, atol=1e-4)
+
+
+def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_sd1):
+    """The function-space stability term: E‖ε_θ − ε_θ*‖² on the model's own images, by hand;
+    zero while the deltas are zero."""
+    from vdu_engine.backend import cond_index
+    from vdu_engine.config import UnlearnConfig
+    from vdu_engine.train import Terms
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    targets, net = _network(b, "cross_attention")
+    lat = torch.randn(3, 4, 8, 8)
+    cond = b.encode_text(["a blue square", "", "a small circle"])
+    terms = Terms(b, UnlearnConfig(concept="red"), net, None, None, {"replay": (lat, cond)}, None, 3)
+    x_t, t, i = terms.draw_replay(5)
+    assert x_t.shape == (5, 4, 8, 8) and set(i.tolist()) <= {0, 1, 2}
+    c = cond_index(cond, i)
+    with net.attached(), torch.no_grad():
+        drift = terms._drift(x_t, t, i)
+        adapted = b.denoise(x_t, t, c)
+    frozen = b.denoise(x_t, t, c)
+    hand = torch.stack([((adapted[k] - frozen[k]) ** 2).mean() for k in range(5)]).mean()
+    assert drift > 0
+    torch.testing.assert_close(drift, hand, rtol=1e-4, atol=1e-8)
+    with torch.no_grad():
+        for layer in net.layers.values():
+            layer.up.zero_()
+    with net.attached(), torch.no_grad():
+        assert terms._drift(x_t, t, i).item() == 0.0

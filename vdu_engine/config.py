@@ -31,6 +31,7 @@ class UnlearnConfig:
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
     fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
     fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
+    replay: float = 10.0  # VDU weight of the function-space stability term: drift of the model's predictions on images it generates for the Fisher prompts (0 = off)
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
     bound: float = 1.5  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
@@ -65,6 +66,8 @@ class UnlearnConfig:
                          ("fisher_samples", 1), ("sample_steps", 1)):
             if int(getattr(self, name)) < lo:
                 bad(name, f"must be at least {lo}, got {getattr(self, name)}")
+        if not float(self.replay) >= 0:
+            bad("replay", f"must be 0 (off) or positive, got {self.replay}")
         for name in ("lr", "alpha", "prior_sigma", "bound"):
             if not float(getattr(self, name)) > 0:
                 bad(name, f"must be positive, got {getattr(self, name)}")

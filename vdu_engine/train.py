@@ -98,6 +98,14 @@ def fisher_prompts(cfg, captions: List[str]) -> List[str]:
     return [""] + sorted(rest - {""})
 
 
+def _fisher_images(backend, cfg, captions, resolution):
+    """The images (latents) the model generates for the Fisher prompts, with their conditioning."""
+    prompts = fisher_prompts(cfg, captions)
+    cycled = [prompts[i % len(prompts)] for i in range(cfg.fisher_samples)]
+    lat = ddim_latents(backend, cycled, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
+    return lat, _encode_unique(backend, cycled)
+
+
 def _build_prior(backend, cfg, targets, resolution, workers, captions) -> PriorEnergy:
     if cfg.prior == "isotropic":
         return isotropic_prior(cfg.prior_sigma)
@@ -110,9 +118,8 @@ def _build_prior(backend, cfg, targets, resolution, workers, captions) -> PriorE
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vdu-unlearn")
 
     def compute():
-        cycled = [prompts[i % len(prompts)] for i in range(cfg.fisher_samples)]
-        lat = ddim_latents(backend, cycled, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
-        return diagonal_fisher(backend, targets, lat.to(backend.dtype), _encode_unique(backend, cycled), cfg.seed)
+        lat, cond = _fisher_images(backend, cfg, captions, resolution)
+        return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed)
     path = fisher_cache_path(cache, backend, targets, spec)
     if not workers.is_main:
         workers.barrier()  # the main process computes and caches it; the others read it
@@ -206,6 +213,10 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
     profile = (workers.broadcast(_error_profile(backend, latents, cond, cfg.seed).to(dev))
                if cfg.objective == "vdu" else None)
     timings["profile"] = time.perf_counter() - t0
+    if cfg.objective == "vdu" and cfg.replay > 0:
+        t0 = time.perf_counter()
+        extra["replay"] = _fisher_images(backend, cfg, captions, resolution)
+        timings["replay"] = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(cfg.seed)
     T = backend.schedule.num_train_timesteps
@@ -229,10 +240,12 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
             network.resample()
             opt.zero_grad(set_to_none=True)
             stats = torch.zeros(len(Terms.NAMES) + 1, device=dev)  # the loss, then the terms
+            replay = step_terms.draw_replay(cfg.batch_size)
             for part in _passes(mine, cfg.micro_batch_size):
                 c = (backend.encode_text([captions[i] for i in idx[part]]) if cfg.train_text_encoder
                      else cond_index(cond, idx[part].to(dev)))
-                loss, terms = step_terms(x0[part], eps[part], t[part], c)
+                loss, terms = step_terms(x0[part], eps[part], t[part], c,
+                                         replay and tuple(v[part] for v in replay))
                 share = (part.stop - part.start) / cfg.batch_size  # passes add up to the batch mean
                 scaler.scale(loss * share).backward()
                 stats += share * torch.stack([loss.detach().float(), *terms])
@@ -270,12 +283,35 @@ class Terms:
     def __init__(self, backend, cfg, network, prior, profile, extra, amp, n_forget):
         self.b, self.cfg, self.network, self.prior, self.profile = backend, cfg, network, prior, profile
         self.extra, self.amp, self.n_forget = extra, amp, n_forget
+        self.rg = torch.Generator().manual_seed(cfg.seed + 3)  # the replay draws
+
+    def draw_replay(self, n):
+        """A step's replay batch (noisy latents, timesteps, rows) from the model's own images for
+        the Fisher prompts, drawn once per step so micro-batches split the same batch."""
+        if "replay" not in self.extra:
+            return None
+        lat, _ = self.extra["replay"]
+        i = torch.randint(0, len(lat), (n,), generator=self.rg)
+        t = torch.randint(0, self.b.schedule.num_train_timesteps, (n,), generator=self.rg)
+        x0 = lat[i].to(self.b.device, self.b.dtype)
+        t = t.to(self.b.device)
+        return self.b.schedule.add_noise(x0, torch.randn(x0.shape, generator=self.rg).to(x0), t), t, i
+
+    def _drift(self, x_t, t, i):
+        """E‖ε_θ(x'_t, t, c') − ε_θ*(x'_t, t, c')‖² on the model's own images x' for the Fisher
+        prompts c': the Laplace prior's quadratic form with the full Gauss–Newton matrix,
+        estimated by samples, where the diagonal Fisher keeps only its diagonal. It holds the
+        predictions the rest of the model makes, which is what keeps neighbouring concepts intact."""
+        c = cond_index(self.extra["replay"][1], i.to(self.b.device))
+        with torch.no_grad(), self.network.disabled():
+            ref = self._denoise(x_t, t, c)
+        return denoising_error(self._denoise(x_t, t, c), ref).mean()
 
     def _denoise(self, x_t, t, c):
         with torch.autocast(self.b.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             return self.b.denoise(x_t, t, c)
 
-    def __call__(self, x0, eps, t, c):
+    def __call__(self, x0, eps, t, c, replay=None):
         b, cfg = self.b, self.cfg
         zero = torch.zeros((), device=x0.device)
         x_t = b.schedule.add_noise(x0, eps, t)
@@ -287,6 +323,8 @@ class Terms:
             T = b.schedule.num_train_timesteps
             bound = cfg.bound * self.profile[(t * N_BOUND_BUCKETS // T).clamp(max=N_BOUND_BUCKETS - 1)]
             stability = self.prior(self.network.layers, self.network.current_factors())
+            if replay is not None:
+                stability = stability + cfg.replay * self.n_forget * self._drift(*replay)
             loss = vdu_loss(stability, err, bound, cfg.gamma, self.n_forget)
             if cfg.variational:
                 loss = loss - cfg.gamma * self.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
@@ -318,6 +356,7 @@ def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:
         "vdu_gamma": str(cfg.gamma),
         "vdu_prior": cfg.prior,
         "vdu_prior_sigma": str(cfg.prior_sigma),
+        "vdu_replay": str(cfg.replay),
         "vdu_layers": cfg.layers,
         "vdu_lr": str(cfg.lr),
         "vdu_variational": str(cfg.variational).lower(),
