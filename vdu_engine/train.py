@@ -106,7 +106,7 @@ def _fisher_images(backend, cfg, captions, resolution):
     return lat, _encode_unique(backend, cycled)
 
 
-def _build_prior(backend, cfg, targets, resolution, workers, captions) -> PriorEnergy:
+def _build_prior(backend, cfg, targets, resolution, workers, captions, images) -> PriorEnergy:
     if cfg.prior == "isotropic":
         return isotropic_prior(cfg.prior_sigma)
     if cfg.prior == "ensemble":
@@ -118,7 +118,7 @@ def _build_prior(backend, cfg, targets, resolution, workers, captions) -> PriorE
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vdu-unlearn")
 
     def compute():
-        lat, cond = _fisher_images(backend, cfg, captions, resolution)
+        lat, cond = images()
         return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed)
     path = fisher_cache_path(cache, backend, targets, spec)
     if not workers.is_main:
@@ -207,7 +207,14 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
         raise VDUError(f"layer preset {cfg.layers!r} matches no layer of this model; choose --layers all")
     network = LoRANetwork(targets, cfg.rank, cfg.alpha, cfg.variational, seed=cfg.seed).to(dev)
     t0 = time.perf_counter()
-    prior = _build_prior(backend, cfg, targets, resolution, workers, captions).to(dev) if cfg.objective == "vdu" else None
+    generated = []  # the Fisher images, made once for the prior (on a cold cache) and replay
+
+    def images():
+        if not generated:
+            generated.append(_fisher_images(backend, cfg, captions, resolution))
+        return generated[0]
+    prior = (_build_prior(backend, cfg, targets, resolution, workers, captions, images).to(dev)
+             if cfg.objective == "vdu" else None)
     timings["prior"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     profile = (workers.broadcast(_error_profile(backend, latents, cond, cfg.seed).to(dev))
@@ -215,7 +222,7 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
     timings["profile"] = time.perf_counter() - t0
     if cfg.objective == "vdu" and cfg.replay > 0:
         t0 = time.perf_counter()
-        extra["replay"] = _fisher_images(backend, cfg, captions, resolution)
+        extra["replay"] = images()
         timings["replay"] = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(cfg.seed)
