@@ -12,15 +12,19 @@ the prompt-only `esd` and `score_align`. Writes quality.json, quality.md and a g
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from benchmarks import world_eval
-from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT
+from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT, dataset, evaluator as evaluator_module
 from miniworld.evaluator import Evaluator
-from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
+from vdu_engine import DiffusersBackend, UnlearnConfig, sampling, unlearn
 from vdu_engine.grid import to_pil_grid
+from vdu_engine.saving import atomic_save_file
 
 GRID_SEED = 1234  # every row of a grid draws the same prompts from the same noise (the first training seed's run)
 KEYS = ("forget_rate", "synonym_forget_rate", "retain_acc", "neighbour_acc", "ufid", "seconds", "steps")
@@ -37,6 +41,33 @@ def retrained(concept: str, cache: Path) -> Path:
         train(["--out", str(path), "--exclude", f"{kind if kind == 'shape' else 'colour'}={concept}",
                "--vae-from", str(MODEL_DIR)])
     return path
+
+
+def _fingerprint(dirs, **settings) -> str:
+    """The bytes of the models, of the code that samples and measures, and the settings."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    code = [Path(m.__file__) for m in (world_eval, sampling, evaluator_module, dataset)]
+    for f in sorted(f for d in dirs for f in Path(d).rglob("*") if f.is_file()) + code:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator, real, cache: Path, fresh: bool):
+    """The metrics and grid row of a model as loaded (the original, the retrained). Cached: they
+    change only with the model, the evaluator, the measuring code or the settings, which key the
+    file, and they take 4 of a run's 16 rows of sampling."""
+    key = _fingerprint([model_dir, EVALUATOR_DIR], concept=concept, samples=samples, grid=GRID_SEED)
+    path = cache / "quality_rows" / f"{concept}-{model_dir.name}-{key}.safetensors"
+    if path.exists() and not fresh:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["metrics"]), load_file(path)["grid"]
+    backend = DiffusersBackend.load(model_dir, device="cpu")
+    metrics = world_eval.evaluate(backend, evaluator, concept, samples, real_retain=real)["metrics"]
+    grid = world_eval.sample_cells(backend, cells, GRID_SEED)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file({"grid": grid.contiguous()}, path, {"metrics": json.dumps(metrics)}, overwrite=True)
+    return metrics, grid
 
 
 def grid_cells(concept: str, per_set: int = 6):
@@ -66,6 +97,7 @@ def main(argv=None):
                    help="training runs per setting (seeds 0..N-1); each cell's samples are split among them")
     p.add_argument("--no-retrained", action="store_true", help="skip the retrained reference")
     p.add_argument("--cache", default=str(ROOT / "cache"))
+    p.add_argument("--fresh", action="store_true", help="measure the original and retrained models again, not from the cache")
     args = p.parse_args(argv)
     t_run = time.time()
     out, cache = Path(args.out), Path(args.cache)
@@ -84,19 +116,21 @@ def main(argv=None):
 
         cells = grid_cells(concept)
 
-        def record(name, ev, seconds, steps, backend=base, network=None):
-            rows[name] = {**{k: round(v, 4) for k, v in ev["metrics"].items()},
+        def record(name, metrics, seconds, steps, grid_row):
+            rows[name] = {**{k: round(v, 4) for k, v in metrics.items()},
                           "seconds": round(seconds, 1), "steps": steps}
-            grid_rows.append(world_eval.sample_cells(backend, cells, GRID_SEED, network))
+            grid_rows.append(grid_row)
             labels.append(name)
             print(f"  {name:28} " + "  ".join(f"{k}={rows[name].get(k)}" for k in KEYS), flush=True)
 
         print(f"concept {concept!r}", flush=True)
-        record("original", world_eval.evaluate(base, evaluator, concept, args.samples, real_retain=real), 0.0, 0)
+        references = [("original", MODEL_DIR)]
         if not args.no_retrained:
-            ref = DiffusersBackend.load(retrained(concept, cache), device="cpu")
-            record("retrained without concept", world_eval.evaluate(ref, evaluator, concept, args.samples,
-                                                                    real_retain=real), 0.0, 0, backend=ref)
+            references.append(("retrained without concept", retrained(concept, cache)))
+        for name, model_dir in references:
+            metrics, grid_row = reference_row(Path(model_dir), concept, cells, args.samples, evaluator, real,
+                                              cache, args.fresh)
+            record(name, metrics, 0.0, 0, grid_row)
         for name, objective, n_images, extra in runs(concept, args.forget_images, False):
             forget = world_eval.forget_images(concept, n_images) if n_images else None
             networks, steps, t0 = [], 0, time.time()
@@ -109,7 +143,7 @@ def main(argv=None):
                 steps += len(result.history) / args.seeds
             seconds = (time.time() - t0) / args.seeds
             ev = world_eval.evaluate(base, evaluator, concept, args.samples, network=networks, real_retain=real)
-            record(name, ev, seconds, round(steps), network=networks[0])
+            record(name, ev["metrics"], seconds, round(steps), world_eval.sample_cells(base, cells, GRID_SEED, networks[0]))
         report["concepts"][concept] = rows
         to_pil_grid(grid_rows, labels, [f"{c.colour} {c.shape}" for c in cells]).save(out / f"grid_{concept}.png")
     report["seconds_this_run"] = round(time.time() - t_run, 1)

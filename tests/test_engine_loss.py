@@ -106,28 +106,41 @@ def test_ensemble_prior_uses_mean_and_variance(tiny_sd1):
 
 
 def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_sd1):
-    """The function-space stability term: E‖ε_θ − ε_θ*‖² on the model's own images, by hand;
-    zero while the deltas are zero."""
+    """The function-space stability term, by hand: the pool holds the frozen model's predictions
+    on noisy versions of the model's own images; the replay rows that ride in a step's forward
+    pass add replay · N · E‖ε_θ − ε_θ*‖² to the stability term, split over passes by their share
+    of the batch, and nothing while the deltas are zero."""
     from vdu_engine.backend import cond_index
     from vdu_engine.config import UnlearnConfig
-    from vdu_engine.train import Terms
+    from vdu_engine.train import Terms, _replay_pool
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
     targets, net = _network(b, "cross_attention")
     lat = torch.randn(3, 4, 8, 8)
     cond = b.encode_text(["a blue square", "", "a small circle"])
-    terms = Terms(b, UnlearnConfig(concept="red"), net, None, None, {"replay": (lat, cond)}, None, 3)
-    x_t, t, i = terms.draw_replay(5)
-    assert x_t.shape == (5, 4, 8, 8) and set(i.tolist()) <= {0, 1, 2}
-    c = cond_index(cond, i)
+    pool = _replay_pool(b, (lat, cond), 0, None)
+    assert set(pool["row"].tolist()) == {0, 1, 2}
+    with torch.no_grad():
+        torch.testing.assert_close(pool["ref"][:8], b.denoise(pool["x_t"][:8], pool["t"][:8],
+                                                              cond_index(cond, pool["row"][:8])))
+    cfg = UnlearnConfig(concept="red", batch_size=2, replay_batch=5, replay=10.0, gamma=0.5).validate()
+    terms = Terms(b, cfg, net, isotropic_prior(10.0), torch.ones(10), {"replay": (cond, pool)}, None, 3)
+    rows = terms.draw_replay()
+    assert rows.shape == (5,)
+    torch.manual_seed(0)
+    x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    c = b.encode_text(["a red circle"] * 2)
     with net.attached(), torch.no_grad():
-        drift = terms._drift(x_t, t, i)
-        adapted = b.denoise(x_t, t, c)
-    frozen = b.denoise(x_t, t, c)
-    hand = torch.stack([((adapted[k] - frozen[k]) ** 2).mean() for k in range(5)]).mean()
-    assert drift > 0
-    torch.testing.assert_close(drift, hand, rtol=1e-4, atol=1e-8)
+        with_replay, _ = terms(x0, eps, t, c, rows)
+        without, _ = terms(x0, eps, t, c, None)
+        halves = [terms(x0[s], eps[s], t[s], cond_index(c, s), rows[terms.replay_rows(s)])[0] -
+                  terms(x0[s], eps[s], t[s], cond_index(c, s), None)[0] for s in (slice(0, 1), slice(1, 2))]
+        adapted = b.denoise(pool["x_t"][rows], pool["t"][rows], cond_index(cond, pool["row"][rows]))
+    hand = ((adapted - pool["ref"][rows]) ** 2).flatten(1).mean(1).mean()
+    assert hand > 0
+    torch.testing.assert_close(with_replay - without, 0.5 * 10.0 * 3 * hand, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sum(h / 2 for h in halves), with_replay - without, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         for layer in net.layers.values():
             layer.up.zero_()
     with net.attached(), torch.no_grad():
-        assert terms._drift(x_t, t, i).item() == 0.0
+        torch.testing.assert_close(terms(x0, eps, t, c, rows)[0], terms(x0, eps, t, c, None)[0])

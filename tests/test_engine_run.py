@@ -124,3 +124,18 @@ def test_fisher_prompts_keep_the_captions_context_without_the_concept():
     assert got == ["", "a large square on a white background", "a small circle on a grey background"]
     assert fisher_prompts(UnlearnConfig(concept="reddish"), caps) == [""]  # whole words only
     assert fisher_prompts(UnlearnConfig(concept="red", fisher_prompts=["x"]), caps) == ["x"]  # explicit wins
+
+
+def test_fisher_images_spread_over_all_the_prompts():
+    """More prompts than images: the picks spread over the sorted prompts (not only the first,
+    which would all be "a large …"); fewer: every prompt is used, each about equally often."""
+    from vdu_engine import UnlearnConfig
+    from vdu_engine.train import fisher_image_prompts
+    caps = [f"a {size} red {shape} on a {bg} background" for size in ("large", "small")
+            for shape in ("circle", "square", "ellipse", "triangle") for bg in ("black", "grey", "white")]
+    picks = fisher_image_prompts(UnlearnConfig(concept="red", fisher_samples=8), caps)
+    assert len(picks) == 8 and picks[0] == "" and len(set(picks)) == 8
+    assert sum(p.startswith("a small") for p in picks) >= 3
+    few = fisher_image_prompts(UnlearnConfig(concept="red", fisher_samples=8), caps[:3])
+    assert sorted(set(few)) == ["", *sorted(c.replace(" red", "") for c in caps[:3])]
+    assert max(few.count(p) for p in few) == 2

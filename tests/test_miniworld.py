@@ -107,6 +107,19 @@ def test_one_quick_benchmark_cell(tmp_path):
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
 
 
+def test_reference_rows_are_cached_by_model_code_and_settings(tmp_path):
+    from benchmarks import quality, world_eval
+    evaluator, cells = Evaluator(EVALUATOR_DIR), quality.grid_cells("red")[:2]
+    real = world_eval.real_images("red", 4)
+    first = quality.reference_row(MODEL_DIR, "red", cells, 4, evaluator, real, tmp_path, fresh=False)
+    files = list((tmp_path / "quality_rows").iterdir())
+    assert len(files) == 1
+    again = quality.reference_row(MODEL_DIR, "red", cells, 4, evaluator, real, tmp_path, fresh=False)
+    assert again[0] == first[0] and torch.equal(again[1], first[1])
+    quality.reference_row(MODEL_DIR, "red", cells, 5, evaluator, world_eval.real_images("red", 5), tmp_path, fresh=False)
+    assert len(list((tmp_path / "quality_rows").iterdir())) == 2  # other settings, another entry
+
+
 def test_vae_roundtrip_and_sweep_side_runs(tmp_path, capsys):
     from benchmarks import sweep
     from benchmarks.world_eval import vae_roundtrip

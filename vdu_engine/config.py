@@ -32,6 +32,7 @@ class UnlearnConfig:
     fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
     fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
     replay: float = 10.0  # VDU weight of the function-space stability term: drift of the model's predictions on images it generates for the Fisher prompts (0 = off)
+    replay_batch: int = 0  # replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
     bound: float = 1.5  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
@@ -63,7 +64,7 @@ class UnlearnConfig:
         if self.layers not in PRESETS:
             bad("layers", f"{self.layers!r} is not one of {', '.join(PRESETS)}")
         for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("num_images", 1),
-                         ("fisher_samples", 1), ("sample_steps", 1)):
+                         ("fisher_samples", 1), ("sample_steps", 1), ("replay_batch", 0)):
             if int(getattr(self, name)) < lo:
                 bad(name, f"must be at least {lo}, got {getattr(self, name)}")
         if not float(self.replay) >= 0:

@@ -24,7 +24,7 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor,
 
     `stability` is the first sum (prior.PriorEnergy), plus by default the same Gaussian's
     quadratic form measured in function space, replay · N · E‖ε_θ − ε_θ*‖² on images the model
-    generates itself (train.Terms._drift), which the diagonal misses. The second sum is
+    generates itself (train.Terms, replayed from a pool made once), which the diagonal misses. The second sum is
     estimated from the batch: n_forget × the batch mean, t drawn uniformly from the trained range (C_t = 1 there, 0
     outside). Each sample's error is capped at `bound` (a multiple of the frozen model's own
     error at that timestep): the term is unbounded below otherwise, and once a sample is

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import __version__
-from .backend import Backend, cond_index
+from .backend import Backend, cond_cat, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
 from .distributed import Workers
@@ -36,7 +36,8 @@ from .saving import atomic_save_file
 Progress = Callable[[int, int, Dict[str, float]], None]
 N_BOUND_BUCKETS = 10
 PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
-PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
+PROFILE_PASS = 8  # images per no-grad forward of the profile and the replay pool: less memory than a training step
+REPLAY_POOL = 128  # noisy replay latents whose frozen predictions are computed once (8 per Fisher image by default)
 
 
 @dataclass
@@ -98,12 +99,19 @@ def fisher_prompts(cfg, captions: List[str]) -> List[str]:
     return [""] + sorted(rest - {""})
 
 
+def fisher_image_prompts(cfg, captions: List[str]) -> List[str]:
+    """One prompt per Fisher image: the Fisher prompts spread evenly over the images, the
+    unconditional one first. (Not the first ones in order: sorted captions would put only "a
+    large …" prompts in when there are more prompts than images.)"""
+    prompts, n = fisher_prompts(cfg, captions), cfg.fisher_samples
+    return [prompts[i * len(prompts) // n] for i in range(n)]
+
+
 def _fisher_images(backend, cfg, captions, resolution):
     """The images (latents) the model generates for the Fisher prompts, with their conditioning."""
-    prompts = fisher_prompts(cfg, captions)
-    cycled = [prompts[i % len(prompts)] for i in range(cfg.fisher_samples)]
-    lat = ddim_latents(backend, cycled, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
-    return lat, _encode_unique(backend, cycled)
+    prompts = fisher_image_prompts(cfg, captions)
+    lat = ddim_latents(backend, prompts, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
+    return lat, _encode_unique(backend, prompts)
 
 
 def _build_prior(backend, cfg, targets, resolution, workers, captions, images) -> PriorEnergy:
@@ -112,8 +120,7 @@ def _build_prior(backend, cfg, targets, resolution, workers, captions, images) -
     if cfg.prior == "ensemble":
         others = [backend.target_weights_from(path, [t.key for t in targets]) for path in cfg.ensemble]
         return ensemble_prior(targets, others, cfg.prior_sigma)
-    prompts = fisher_prompts(cfg, captions)
-    spec = dict(n=cfg.fisher_samples, prompts=prompts, res=resolution, seed=cfg.seed,
+    spec = dict(n=cfg.fisher_samples, prompts=fisher_image_prompts(cfg, captions), res=resolution, seed=cfg.seed,
                 steps=cfg.sample_steps, guidance=cfg.guidance)
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vdu-unlearn")
 
@@ -150,6 +157,29 @@ def _error_profile(backend, latents, cond, seed) -> torch.Tensor:
             errs.append(denoising_error(pred, backend.schedule.target(x0[s], eps[s], t[s])))
         prof[b] = torch.cat(errs).mean().cpu()
     return prof
+
+
+def _denoise(backend, amp, x_t, t, c):
+    """The model's prediction under the run's autocast precision (None: the model's own)."""
+    with torch.autocast(backend.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return backend.denoise(x_t, t, c)
+
+
+@torch.no_grad()
+def _replay_pool(backend, images, seed, amp) -> Dict[str, torch.Tensor]:
+    """REPLAY_POOL noisy versions of the model's own images for the Fisher prompts, with the
+    frozen model's predictions on them, computed once before training: a step then replays rows
+    of the pool inside its own forward pass, with no frozen forward of its own."""
+    lat, _ = images
+    g = torch.Generator().manual_seed(seed + 3)
+    i = torch.arange(REPLAY_POOL) % len(lat)
+    t = torch.randint(0, backend.schedule.num_train_timesteps, (REPLAY_POOL,), generator=g).to(backend.device)
+    x0 = lat[i].to(backend.device, backend.dtype)
+    x_t = backend.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t)
+    i = i.to(backend.device)
+    ref = torch.cat([_denoise(backend, amp, x_t[s], t[s], cond_index(images[1], i[s])).float()
+                     for s in (slice(a, a + PROFILE_PASS) for a in range(0, REPLAY_POOL, PROFILE_PASS))])
+    return {"x_t": x_t, "t": t, "row": i, "ref": ref}
 
 
 def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet] = None,
@@ -222,7 +252,7 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
     timings["profile"] = time.perf_counter() - t0
     if cfg.objective == "vdu" and cfg.replay > 0:
         t0 = time.perf_counter()
-        extra["replay"] = images()
+        extra["replay"] = images()[1], _replay_pool(backend, images(), cfg.seed, amp)
         timings["replay"] = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -247,12 +277,12 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
             network.resample()
             opt.zero_grad(set_to_none=True)
             stats = torch.zeros(len(Terms.NAMES) + 1, device=dev)  # the loss, then the terms
-            replay = step_terms.draw_replay(cfg.batch_size)
+            replay = step_terms.draw_replay()
             for part in _passes(mine, cfg.micro_batch_size):
                 c = (backend.encode_text([captions[i] for i in idx[part]]) if cfg.train_text_encoder
                      else cond_index(cond, idx[part].to(dev)))
                 loss, terms = step_terms(x0[part], eps[part], t[part], c,
-                                         replay and tuple(v[part] for v in replay))
+                                         None if replay is None else replay[step_terms.replay_rows(part)])
                 share = (part.stop - part.start) / cfg.batch_size  # passes add up to the batch mean
                 scaler.scale(loss * share).backward()
                 stats += share * torch.stack([loss.detach().float(), *terms])
@@ -290,39 +320,41 @@ class Terms:
     def __init__(self, backend, cfg, network, prior, profile, extra, amp, n_forget):
         self.b, self.cfg, self.network, self.prior, self.profile = backend, cfg, network, prior, profile
         self.extra, self.amp, self.n_forget = extra, amp, n_forget
+        self.n_replay = cfg.replay_batch or cfg.batch_size
         self.rg = torch.Generator().manual_seed(cfg.seed + 3)  # the replay draws
 
-    def draw_replay(self, n):
-        """A step's replay batch (noisy latents, timesteps, rows) from the model's own images for
-        the Fisher prompts, drawn once per step so micro-batches split the same batch."""
+    def draw_replay(self) -> Optional[torch.Tensor]:
+        """A step's replay rows of the pool, drawn once per step so that micro-batches and
+        processes split the same draw."""
         if "replay" not in self.extra:
             return None
-        lat, _ = self.extra["replay"]
-        i = torch.randint(0, len(lat), (n,), generator=self.rg)
-        t = torch.randint(0, self.b.schedule.num_train_timesteps, (n,), generator=self.rg)
-        x0 = lat[i].to(self.b.device, self.b.dtype)
-        t = t.to(self.b.device)
-        return self.b.schedule.add_noise(x0, torch.randn(x0.shape, generator=self.rg).to(x0), t), t, i
+        return torch.randint(0, REPLAY_POOL, (self.n_replay,), generator=self.rg)
 
-    def _drift(self, x_t, t, i):
-        """E‖ε_θ(x'_t, t, c') − ε_θ*(x'_t, t, c')‖² on the model's own images x' for the Fisher
-        prompts c': the Laplace prior's quadratic form with the full Gauss–Newton matrix,
-        estimated by samples, where the diagonal Fisher keeps only its diagonal. It holds the
-        predictions the rest of the model makes, which is what keeps neighbouring concepts intact."""
-        c = cond_index(self.extra["replay"][1], i.to(self.b.device))
-        with torch.no_grad(), self.network.disabled():
-            ref = self._denoise(x_t, t, c)
-        return denoising_error(self._denoise(x_t, t, c), ref).mean()
+    def replay_rows(self, part: slice) -> slice:
+        """The replay rows that go with a slice of the forget batch: the same share of them."""
+        scale = self.n_replay / self.cfg.batch_size
+        return slice(round(part.start * scale), round(part.stop * scale))
 
     def _denoise(self, x_t, t, c):
-        with torch.autocast(self.b.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            return self.b.denoise(x_t, t, c)
+        return _denoise(self.b, self.amp, x_t, t, c)
 
     def __call__(self, x0, eps, t, c, replay=None):
         b, cfg = self.b, self.cfg
         zero = torch.zeros((), device=x0.device)
         x_t = b.schedule.add_noise(x0, eps, t)
-        pred = self._denoise(x_t, t, c)
+        drift = zero
+        if replay is not None and len(replay):  # the replay rows ride in the same forward pass
+            cond, pool = self.extra["replay"]
+            rows = replay.to(pool["row"].device)
+            pred, pred_r = self._denoise(torch.cat([x_t, pool["x_t"][rows]]), torch.cat([t, pool["t"][rows]]),
+                                         cond_cat([c, cond_index(cond, pool["row"][rows])])).split([len(x0), len(rows)])
+            # E‖ε_θ(x'_t, t, c') − ε_θ*(x'_t, t, c')‖² on the model's own images for the Fisher
+            # prompts: the Laplace prior's quadratic form with the full Gauss–Newton matrix,
+            # estimated by samples, where the diagonal Fisher keeps only its diagonal. Summed over
+            # the pass's rows and divided by its share of the batch: passes add up to the mean.
+            drift = denoising_error(pred_r, pool["ref"][rows]).sum() * cfg.batch_size / (len(x0) * self.n_replay)
+        else:
+            pred = self._denoise(x_t, t, c)
         if cfg.objective in ("vdu", "gradient_ascent"):
             err = denoising_error(pred, b.schedule.target(x0, eps, t))
             if cfg.objective == "gradient_ascent":
@@ -330,8 +362,7 @@ class Terms:
             T = b.schedule.num_train_timesteps
             bound = cfg.bound * self.profile[(t * N_BOUND_BUCKETS // T).clamp(max=N_BOUND_BUCKETS - 1)]
             stability = self.prior(self.network.layers, self.network.current_factors())
-            if replay is not None:
-                stability = stability + cfg.replay * self.n_forget * self._drift(*replay)
+            stability = stability + cfg.replay * self.n_forget * drift
             loss = vdu_loss(stability, err, bound, cfg.gamma, self.n_forget)
             if cfg.variational:
                 loss = loss - cfg.gamma * self.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
@@ -364,6 +395,7 @@ def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:
         "vdu_prior": cfg.prior,
         "vdu_prior_sigma": str(cfg.prior_sigma),
         "vdu_replay": str(cfg.replay),
+        "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
         "vdu_layers": cfg.layers,
         "vdu_lr": str(cfg.lr),
         "vdu_variational": str(cfg.variational).lower(),
