@@ -37,7 +37,8 @@ from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
 from vdu_engine.layers import select_targets
 from vdu_engine.memory import autocast_dtype
 
-OBJECTIVES = {"vdu": {}, "vdu (no replay)": dict(replay=0.0), "vdu (isotropic prior)": dict(prior="isotropic"),
+OBJECTIVES = {"vdu": {}, "vdu (no replay)": dict(replay=0.0), "vdu (replay batch 1)": dict(replay_batch=1),
+              "vdu (isotropic prior)": dict(prior="isotropic"),
               "esd": dict(objective="esd"),
               "score_align": dict(objective="score_align", anchor="a blue circle"),
               "gradient_ascent": dict(objective="gradient_ascent")}

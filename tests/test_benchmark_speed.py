@@ -18,7 +18,8 @@ def test_speed_benchmark_quick_run_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "speed.json").read_text())
     assert list(report)[0] == "vdu_vs_lora_step_ratio" and report["vdu_vs_lora_step_ratio"] > 0
     mini = report["models"]["mini"]
-    assert set(mini["seconds_per_step"]) == {"lora (peft)", "vdu", "vdu (no replay)", "vdu (isotropic prior)",
+    assert set(mini["seconds_per_step"]) == {"lora (peft)", "vdu", "vdu (no replay)", "vdu (replay batch 1)",
+                                             "vdu (isotropic prior)",
                                              "esd", "score_align", "gradient_ascent"}
     assert all(v > 0 for v in mini["seconds_per_step"].values())
     assert {"lora (peft), fp32", "vdu, low preset"} <= set(report["memory"])

@@ -99,7 +99,7 @@ def test_one_quick_benchmark_cell(tmp_path):
     quality.main(["--out", str(tmp_path), "--concepts", "red", "--samples", "8", "--forget-images", "8",
                   "--steps", "2", "--seeds", "2", "--no-retrained", "--cache", str(tmp_path / "cache")])
     report = json.loads((tmp_path / "quality.json").read_text())
-    assert report["training_seeds"] == 2
+    assert report["training_seeds"] == 2 and report["baseline_seeds"] == 1
     rows = report["concepts"]["red"]
     assert {"original", "vdu (8 images)", "esd (prompt)", "score_align (prompt)"} <= set(rows)
     for r in rows.values():
