@@ -58,7 +58,8 @@ def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator,
     """The metrics and grid row of a model as loaded (the original, the retrained). Cached: they
     change only with the model, the evaluator, the measuring code or the settings, which key the
     file, and they take 4 of a run's 16 rows of sampling."""
-    key = _fingerprint([model_dir, EVALUATOR_DIR], concept=concept, samples=samples, grid=GRID_SEED)
+    key = _fingerprint([model_dir, EVALUATOR_DIR], concept=concept, samples=samples, grid=GRID_SEED,
+                       cells=[c.prompt for c in cells])
     path = cache / "quality_rows" / f"{concept}-{model_dir.name}-{key}.safetensors"
     if path.exists() and not fresh:
         from safetensors import safe_open
@@ -75,14 +76,7 @@ def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator,
 def grid_cells(concept: str, per_set: int = 6):
     """The grid's columns: prompts spread over the forget set, then over the retain set."""
     sets = world_eval.prompt_sets(concept)
-
-    def spread(cells):
-        # Pick i steps i cells further into its stride, so that sizes and backgrounds vary too: a
-        # plain stride equal to their number of combinations lands on the same one every time.
-        if len(cells) <= per_set:
-            return cells
-        step = len(cells) // per_set
-        return [cells[i * len(cells) // per_set + i % step] for i in range(per_set)]
+    spread = lambda cells: cells[::max(1, len(cells) // per_set)][:per_set]
     return spread(sets["forget"]) + spread(sets["retain"])
 
 
