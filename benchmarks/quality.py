@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from benchmarks import world_eval
 from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT, dataset, evaluator as evaluator_module
@@ -62,9 +62,8 @@ def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator,
                        cells=[c.prompt for c in cells])
     path = cache / "quality_rows" / f"{concept}-{model_dir.name}-{key}.safetensors"
     if path.exists() and not fresh:
-        from safetensors import safe_open
         with safe_open(str(path), "pt") as f:
-            return json.loads(f.metadata()["metrics"]), load_file(path)["grid"]
+            return json.loads(f.metadata()["metrics"]), f.get_tensor("grid")
     backend = DiffusersBackend.load(model_dir, device="cpu")
     metrics = world_eval.evaluate(backend, evaluator, concept, samples, real_retain=real)["metrics"]
     grid = world_eval.sample_cells(backend, cells, GRID_SEED)

@@ -83,9 +83,14 @@ def shows(concept: str, images: torch.Tensor, shapes: List[str]) -> List[bool]:
 
 
 def _sample_split(backend, cells: List[Cell], seed: int, networks) -> tuple:
-    """Each network draws every len(networks)-th cell (so each sees the whole prompt set); the
-    cells come back reordered network by network, with their images."""
-    parts = [(cells[j::len(networks)], net) for j, net in enumerate(networks)]
+    """Each network draws a 1/len(networks) share of the cells, picked by a fixed shuffle: a plain
+    stride would give each network only the prompts at its offset (with sets whose size is a
+    multiple of 3, one background per network), mixing seed and prompt effects. The cells come
+    back reordered network by network, with their images."""
+    k = len(networks)
+    order = torch.randperm(len(cells), generator=torch.Generator().manual_seed(seed)).tolist() if k > 1 \
+        else list(range(len(cells)))
+    parts = [([cells[i] for i in order[j::k]], net) for j, net in enumerate(networks)]
     imgs = torch.cat([sample_cells(backend, part, seed + j, net) for j, (part, net) in enumerate(parts) if part])
     return [c for part, _ in parts for c in part], imgs
 

@@ -123,7 +123,7 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
         torch.testing.assert_close(pool["ref"][:8], b.denoise(pool["x_t"][:8], pool["t"][:8],
                                                               cond_index(cond, pool["row"][:8])))
     cfg = UnlearnConfig(concept="red", batch_size=2, replay_batch=5, replay=10.0, gamma=0.5).validate()
-    terms = Terms(b, cfg, net, isotropic_prior(10.0), torch.ones(10), {"replay": (cond, pool)}, None, 3)
+    terms = Terms(b, cfg, net, isotropic_prior(10.0), torch.ones(10), {"replay": pool}, None, 3)
     rows = terms.draw_replay()
     assert rows.shape == (5,)
     torch.manual_seed(0)

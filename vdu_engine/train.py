@@ -170,16 +170,16 @@ def _replay_pool(backend, images, seed, amp) -> Dict[str, torch.Tensor]:
     """REPLAY_POOL noisy versions of the model's own images for the Fisher prompts, with the
     frozen model's predictions on them, computed once before training: a step then replays rows
     of the pool inside its own forward pass, with no frozen forward of its own."""
-    lat, _ = images
+    lat, cond = images
     g = torch.Generator().manual_seed(seed + 3)
     i = torch.arange(REPLAY_POOL) % len(lat)
     t = torch.randint(0, backend.schedule.num_train_timesteps, (REPLAY_POOL,), generator=g).to(backend.device)
     x0 = lat[i].to(backend.device, backend.dtype)
     x_t = backend.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t)
     i = i.to(backend.device)
-    ref = torch.cat([_denoise(backend, amp, x_t[s], t[s], cond_index(images[1], i[s])).float()
+    ref = torch.cat([_denoise(backend, amp, x_t[s], t[s], cond_index(cond, i[s])).float()
                      for s in (slice(a, a + PROFILE_PASS) for a in range(0, REPLAY_POOL, PROFILE_PASS))])
-    return {"x_t": x_t, "t": t, "row": i, "ref": ref}
+    return {"x_t": x_t, "t": t, "row": i, "ref": ref, "cond": cond}
 
 
 def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet] = None,
@@ -252,7 +252,7 @@ def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
     timings["profile"] = time.perf_counter() - t0
     if cfg.objective == "vdu" and cfg.replay > 0:
         t0 = time.perf_counter()
-        extra["replay"] = images()[1], _replay_pool(backend, images(), cfg.seed, amp)
+        extra["replay"] = _replay_pool(backend, images(), cfg.seed, amp)
         timings["replay"] = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -344,10 +344,11 @@ class Terms:
         x_t = b.schedule.add_noise(x0, eps, t)
         drift = zero
         if replay is not None and len(replay):  # the replay rows ride in the same forward pass
-            cond, pool = self.extra["replay"]
+            pool = self.extra["replay"]
             rows = replay.to(pool["row"].device)
             pred, pred_r = self._denoise(torch.cat([x_t, pool["x_t"][rows]]), torch.cat([t, pool["t"][rows]]),
-                                         cond_cat([c, cond_index(cond, pool["row"][rows])])).split([len(x0), len(rows)])
+                                         cond_cat([c, cond_index(pool["cond"], pool["row"][rows])])
+                                         ).split([len(x0), len(rows)])
             # E‖ε_θ(x'_t, t, c') − ε_θ*(x'_t, t, c')‖² on the model's own images for the Fisher
             # prompts: the Laplace prior's quadratic form with the full Gauss–Newton matrix,
             # estimated by samples, where the diagonal Fisher keeps only its diagonal. Summed over
