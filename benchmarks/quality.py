@@ -33,10 +33,13 @@ KEYS = ("forget_rate", "synonym_forget_rate", "retain_acc", "neighbour_acc", "uf
 
 
 def retrained(concept: str, cache: Path) -> Path:
-    """The model trained from scratch without the concept (cached; 20–30 min on 2 CPU cores)."""
-    from miniworld import dataset
+    """The model trained from scratch without the concept (cached; 20–30 min on 2 CPU cores). The
+    folder is keyed by the original model's VAE (which it reuses) and the training code, so a
+    retrained or redesigned mini model never meets a reference left over from its predecessor."""
+    from miniworld import dataset, model as model_module, train as train_module
     from miniworld.train import main as train
-    path = cache / f"retrained-{concept}"
+    key = _fingerprint([MODEL_DIR / "vae"], code=(train_module, model_module, dataset))
+    path = cache / f"retrained-{concept}-{key}"
     if not (path / "model_index.json").exists():
         kind = dataset.CONCEPTS[concept]["kind"]
         print(f"training the reference model without {concept!r} (cached in {path})", flush=True)
@@ -45,10 +48,10 @@ def retrained(concept: str, cache: Path) -> Path:
     return path
 
 
-def _fingerprint(dirs, **settings) -> str:
-    """The bytes of the models, of the code that samples and measures, and the settings."""
+def _fingerprint(dirs, code=(world_eval, sampling, evaluator_module, dataset), **settings) -> str:
+    """The bytes of the models, of the code that makes or measures them, and the settings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    code = [Path(m.__file__) for m in (world_eval, sampling, evaluator_module, dataset)]
+    code = [Path(m.__file__) for m in code]
     for f in sorted(f for d in dirs for f in Path(d).rglob("*") if f.is_file()) + code:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
@@ -73,9 +76,14 @@ def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator,
 
 
 def grid_cells(concept: str, per_set: int = 6):
-    """The grid's columns: prompts spread over the forget set, then over the retain set."""
+    """The grid's columns: prompts spread over the forget set, then over the retain set. Each
+    pick steps one cell further inside its stride, so that sets ordered colour by colour (or
+    shape by shape) still show every size and background, not the first of each block."""
     sets = world_eval.prompt_sets(concept)
-    spread = lambda cells: cells[::max(1, len(cells) // per_set)][:per_set]
+
+    def spread(cells):
+        step = max(1, len(cells) // per_set)
+        return [cells[i * step + i % step] for i in range(min(per_set, len(cells)))]
     return spread(sets["forget"]) + spread(sets["retain"])
 
 

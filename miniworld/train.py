@@ -1,4 +1,4 @@
-"""Train the mini Stable Diffusion from scratch on the procedural world (2 CPU cores, ~20 min).
+"""Train the mini Stable Diffusion from scratch on the procedural world (2 CPU cores, ~30 min).
 
     python -m miniworld.train --out models/miniworld
     python -m miniworld.train --out cache/retrained-red --exclude colour=red --vae-from models/miniworld
@@ -51,7 +51,7 @@ def encode_all(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)])
 
 
-def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, batch: int = 64):
+def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, batch: int = 64, lr: float = 3e-3):
     torch.manual_seed(seed)
     unet, text = build_unet(), build_text_encoder(len(tokenizer))
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -61,8 +61,8 @@ def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, bat
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
@@ -97,7 +97,8 @@ def main(argv=None):
     p.add_argument("--vae-from", default=None, help="reuse this model's VAE (and latent scale) instead of training one")
     p.add_argument("--images", type=int, default=30000, help="training images generated")
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the UNet and text encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -126,14 +127,14 @@ def main(argv=None):
     log(f"latents {tuple(latents.shape)} scale {scale:.4f}")
     tokenizer = write_clip_tokenizer(out / "tokenizer", dataset.vocabulary(), MAX_TOKENS)
     unet, text, sched = train_denoiser(latents, [s.caption for s in samples], tokenizer, args.unet_steps,
-                                       args.seed, log)
+                                       args.seed, log, lr=args.lr)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     info = {"command": "python -m miniworld.train " + " ".join(argv or __import__("sys").argv[1:]),
             "seconds": round(time.time() - t_start, 1), "params": {
                 "unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text)},
-            "exclude": exclude, "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps}
+            "exclude": exclude, "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "lr": args.lr}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"saved {out}: {info['params']}")
 
