@@ -5,7 +5,8 @@
 For each concept (a colour and a shape of the mini world) it compares, in one process: the
 original model; the model retrained from scratch without the concept (the gold standard, trained
 once by miniworld.train and cached under cache/); `vdu` with its default settings given 8, 32
-and 128 forget images (data-constrained: no retain data); `gradient_ascent` on 32 images; and
+and 128 forget images (data-constrained: no retain data), and on 32 with the concept's neighbour
+named as a concept to keep (`keep`: a word, no images); `gradient_ascent` on 32 images; and
 the prompt-only `esd` and `score_align`. Each VDU setting is trained with 3 seeds (`--seeds`),
 each baseline with 1 (`--baseline-seeds`); the rows of the original and retrained models are
 cached under cache/quality_rows. Writes quality.json, quality.md and a grid per concept.
@@ -91,6 +92,8 @@ def runs(concept: str, sizes, quick: bool):
     """(name, objective, number of forget images or None for prompt-only, extra settings)."""
     out = [(f"vdu ({n} images)", "vdu", n, {}) for n in sizes]
     mid = sizes[len(sizes) // 2]
+    near = dataset.CONCEPTS[concept]["neighbours"]  # what a user who knows the neighbour would keep
+    out.append((f"vdu ({mid} images, keep {', '.join(near)})", "vdu", mid, {"keep": near}))
     out += [(f"gradient_ascent ({mid} images)", "gradient_ascent", mid, {}),
             ("esd (prompt)", "esd", None, {}), ("score_align (prompt)", "score_align", None, {})]
     return out

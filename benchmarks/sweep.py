@@ -28,8 +28,10 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seeds", type=int, default=1, help="training runs per setting, samples split among them")
     p.add_argument("--cache", default=str(ROOT / "cache"))
+    p.add_argument("--device", default="cpu", help="where the model trains and samples (the evaluator stays on the CPU)")
+    p.add_argument("--precision", default="fp32", help="the runs' --precision (fp32: the CPU's numbers on a GPU too)")
     args = p.parse_args(argv)
-    backend, evaluator = DiffusersBackend.load(MODEL_DIR, device="cpu"), Evaluator(EVALUATOR_DIR)
+    backend, evaluator = DiffusersBackend.load(MODEL_DIR, device=args.device), Evaluator(EVALUATOR_DIR)
     real = world_eval.real_images(args.concept, args.samples)
     for run in args.runs:
         network, t0, steps = None, time.time(), 0
@@ -40,7 +42,8 @@ def main(argv=None):
             forget = world_eval.forget_images(args.concept, n) if n else None
             network = []
             for seed in range(first, first + args.seeds):
-                cfg = UnlearnConfig(**{"concept": args.concept, "cache_dir": args.cache, "seed": seed, **settings})
+                cfg = UnlearnConfig(**{"concept": args.concept, "cache_dir": args.cache, "seed": seed,
+                                        "precision": args.precision, **settings})
                 result = unlearn(backend, cfg, forget)
                 network.append(result.network)
                 steps += len(result.history) / args.seeds

@@ -69,10 +69,10 @@ def sample_cells(backend, cells: List[Cell], seed: int, network=None, steps: Opt
     prompts = [c.prompt for c in cells]
     kw = dict(steps=steps or STEPS, guidance=GUIDANCE, batch_size=64)  # cache-sized batches: faster than 256 on this CPU, same images (per-image seeds)
     if network is None:
-        return ddim_sample(backend, prompts, seed, **kw)
+        return ddim_sample(backend, prompts, seed, **kw).cpu()  # measured on the CPU, where the evaluator is
     with network.attached():
         network.eval()
-        return ddim_sample(backend, prompts, seed, **kw)
+        return ddim_sample(backend, prompts, seed, **kw).cpu()
 
 
 def shows(concept: str, images: torch.Tensor, shapes: List[str]) -> List[bool]:

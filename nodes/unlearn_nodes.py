@@ -52,6 +52,14 @@ class _ForgetSource:
     CATEGORY = CATEGORY
 
 
+KEEP_TOOLTIP = ("Concepts to keep, comma-separated: what forgetting must not drag along, usually the concept's "
+                "nearest neighbours (forgetting 'red': 'orange'). Empty = none.")
+
+
+def keep_list(text: str):
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
 class VDUForgetImages(_ForgetSource):
     DESCRIPTION = "Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) or an IMAGE batch."
 
@@ -62,16 +70,19 @@ class VDUForgetImages(_ForgetSource):
                     "concept": ("STRING", {"default": "", "tooltip": "Prompt naming the concept: the caption of images without a .txt file."}),
                     "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Training resolution; 0 = the model's native one."}),
                     "crop": (["center", "resize"], {"tooltip": "center: shorter side to the resolution, then centre crop. resize: squash to a square."}),
+                    "keep": ("STRING", {"default": "", "tooltip": KEEP_TOOLTIP}),
                 },
                 "optional": {"images": ("IMAGE", {"tooltip": "A batch from any node, used when folder is empty."})}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder, concept, resolution, crop, images=None):
+    def VALIDATE_INPUTS(cls, folder, concept, resolution, crop, keep="", images=None):
+        if keep.strip() and not concept.strip():
+            return "keep needs the concept's word: kept concepts take its place in the captions; fill in concept"
         if folder.strip():
             return _folder_problem(folder.strip()) or True
         return True
 
-    def build(self, folder, concept, resolution, crop, images=None):
+    def build(self, folder, concept, resolution, crop, keep="", images=None):
         if folder.strip():
             fs = ForgetSet.from_folder(resolve_folder(folder))
         elif images is not None:
@@ -80,7 +91,7 @@ class VDUForgetImages(_ForgetSource):
             raise VDUError("no forget images: set folder to a folder of images or connect an IMAGE batch")
         fs.crop = crop
         return ({"forget": fs, "concept": concept.strip(), "anchor": "", "num_images": len(fs),
-                 "resolution": resolution or None},)
+                 "resolution": resolution or None, "keep": keep_list(keep)},)
 
 
 class VDUConcept(_ForgetSource):
@@ -93,15 +104,16 @@ class VDUConcept(_ForgetSource):
             "anchor": ("STRING", {"default": "", "tooltip": "Safe prompt the concept should turn into (score_align); empty = unconditional."}),
             "num_images": ("INT", {"default": _DEFAULTS.num_images, "min": 1, "max": 512, "tooltip": "Images to generate with the model itself."}),
             "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "0 = the model's native resolution."}),
+            "keep": ("STRING", {"default": "", "tooltip": KEEP_TOOLTIP}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concept, anchor, num_images, resolution):
+    def VALIDATE_INPUTS(cls, concept, anchor, num_images, resolution, keep=""):
         return True if concept.strip() else "the concept prompt is empty: type what the model should forget"
 
-    def build(self, concept, anchor, num_images, resolution):
+    def build(self, concept, anchor, num_images, resolution, keep=""):
         return ({"forget": None, "concept": concept.strip(), "anchor": anchor.strip(), "num_images": num_images,
-                 "resolution": resolution or None},)
+                 "resolution": resolution or None, "keep": keep_list(keep)},)
 
 
 def loss_curve(history, width=512, height=256) -> Image.Image:
@@ -161,7 +173,7 @@ class VDUUnlearn:
         cfg = UnlearnConfig(objective=objective, concept=forget["concept"], anchor=forget["anchor"], steps=steps,
                             rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
-                            resolution=forget["resolution"], memory=memory)
+                            resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []))
         cfg.validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []

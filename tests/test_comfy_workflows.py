@@ -103,6 +103,19 @@ def test_unlearn_from_folder_runs_as_shipped(server):
     assert (server.base / "models" / "loras" / "unlearned" / "forget-from-folder.safetensors").exists()
 
 
+def test_kept_concepts_reach_the_lora(server):
+    from safetensors import safe_open
+    keep = {"resolution": 128, "keep": "an orange circle, a blue circle"}
+    wf = shipped("unlearn_from_folder", **{**SMALL, "VDUForgetImages": keep, "VDUUnlearn": {"steps": 3, "prior": "fisher"},
+                                           "VDUSaveLoRA": {"filename": "kept/lora"}})
+    run_ok(server, wf)
+    with safe_open(str(server.base / "models" / "loras" / "kept" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["vdu_keep"] == "an orange circle, a blue circle"
+    wf = shipped("unlearn_from_folder", **{**SMALL, "VDUForgetImages": {**keep, "concept": ""}})
+    with pytest.raises(AssertionError, match="keep needs the concept"):
+        server.queue(wf)
+
+
 def test_cancel_stops_training_and_writes_nothing(server):
     wf = shipped("unlearn_from_prompt", **{**SMALL, "VDUUnlearn": {"steps": 100000, "prior": "isotropic"},
                                            "VDUSaveLoRA": {"filename": "cancelled/never"}})

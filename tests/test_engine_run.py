@@ -126,6 +126,20 @@ def test_fisher_prompts_keep_the_captions_context_without_the_concept():
     assert fisher_prompts(UnlearnConfig(concept="red", fisher_prompts=["x"]), caps) == ["x"]  # explicit wins
 
 
+def test_kept_concepts_take_the_concepts_place_in_the_fisher_prompts():
+    from vdu_engine import UnlearnConfig, VDUError
+    from vdu_engine.train import fisher_prompts
+    caps = ["a small red circle on a grey background", "a small crimson circle on a grey background", "red"]
+    got = fisher_prompts(UnlearnConfig(concept="red", keep=["orange", " yellow "]), caps)
+    assert got == ["", "a small circle on a grey background", "a small orange circle on a grey background",
+                   "a small yellow circle on a grey background", "orange", "yellow"]
+    assert fisher_prompts(UnlearnConfig(concept="red", keep=["orange"], fisher_prompts=["x"]), caps[:1]) == \
+        ["x", "a small orange circle on a grey background"]
+    for keep, why in ((["Red"], "both forgotten and kept"), ([""], "empty concept to keep")):
+        with pytest.raises(VDUError, match=why):
+            UnlearnConfig(concept="red", keep=keep).validate()
+
+
 def test_fisher_images_spread_over_all_the_prompts():
     """More prompts than images: the picks spread over the sorted prompts (not only the first,
     which would all be "a large …"); fewer: every prompt is used, each about equally often."""
@@ -139,3 +153,15 @@ def test_fisher_images_spread_over_all_the_prompts():
     few = fisher_image_prompts(UnlearnConfig(concept="red", fisher_samples=8), caps[:3])
     assert sorted(set(few)) == ["", *sorted(c.replace(" red", "") for c in caps[:3])]
     assert max(few.count(p) for p in few) == 2
+
+
+def test_fisher_prior_reaches_the_text_encoder_when_it_is_trained(tiny_sd1, fast_config, tmp_path):
+    """The Fisher images' conditioning is precomputed; with text-encoder targets the prompts must be
+    encoded inside the graph, or the text encoder's weights get no gradient (an autograd error)."""
+    from safetensors.torch import load_file
+    result = unlearn(DiffusersBackend.load(tiny_sd1, device="cpu"), fast_config(train_text_encoder=True, steps=2))
+    assert any(k.startswith("lora_te") for k in result.lora)
+    (path,) = (tmp_path / "cache").glob("fisher-*.safetensors")
+    fisher = load_file(str(path))
+    te = [v for k, v in fisher.items() if k.startswith("lora_te")]
+    assert te and all(v.sum() > 0 for v in te)

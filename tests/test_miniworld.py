@@ -103,7 +103,7 @@ def test_one_quick_benchmark_cell(tmp_path):
     report = json.loads((tmp_path / "quality.json").read_text())
     assert report["training_seeds"] == 2 and report["baseline_seeds"] == 1
     rows = report["concepts"]["red"]
-    assert {"original", "vdu (8 images)", "esd (prompt)", "score_align (prompt)"} <= set(rows)
+    assert {"original", "vdu (8 images)", "vdu (8 images, keep orange)", "esd (prompt)", "score_align (prompt)"} <= set(rows)
     for r in rows.values():
         assert set(quality.KEYS) <= set(r) and 0 <= r["forget_rate"] <= 1
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()

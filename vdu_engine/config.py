@@ -31,13 +31,14 @@ class UnlearnConfig:
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
     fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
     fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
+    keep: List[str] = field(default_factory=list)  # concepts to keep, e.g. the concept's neighbours ("orange" when forgetting "red"): the forget captions with each in the concept's place join the Fisher prompts
     replay: float = 10.0  # VDU weight of the function-space stability term: drift of the model's predictions on images it generates for the Fisher prompts (0 = off)
     replay_batch: int = 0  # replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
-    bound: float = 1.5  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
+    bound: float = 2.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
     t_min: float = 0.0  # lowest timestep trained, as a fraction of the schedule
-    t_max: float = 1.0  # highest timestep trained, as a fraction of the schedule
+    t_max: float = 0.6  # highest timestep trained, as a fraction of the schedule (the noisiest 40 % are left alone: README, "Tuning the defaults")
     esd_eta: float = 1.0  # ESD negative-guidance strength
     layers: str = DEFAULT_PRESET  # cross_attention | attention | attention_ff | all
     train_text_encoder: bool = False  # also adapt the text encoder(s)
@@ -96,6 +97,13 @@ class UnlearnConfig:
             bad("offload_encoders", "the text encoder cannot be offloaded while it is trained; drop --train-text-encoder or --offload-encoders")
         if self.objective in ("esd", "score_align") and not self.concept.strip():
             bad("concept", f"the {self.objective} objective needs the concept prompt; pass --concept TEXT")
+        word = self.concept.strip().lower()
+        if any(k.strip().lower() == word for k in self.keep) and word:
+            bad("keep", f"{self.concept!r} is both forgotten and kept; drop it from --keep")
+        if self.keep and not word:
+            bad("keep", "kept concepts take the concept's place in the captions; pass --concept TEXT too")
+        if any(not k.strip() for k in self.keep):
+            bad("keep", "an empty concept to keep; give words such as --keep orange")
         if self.prior == "ensemble" and self.objective == "vdu" and not self.ensemble:
             bad("ensemble", "prior=ensemble needs at least one other checkpoint; pass --ensemble PATH")
         return self

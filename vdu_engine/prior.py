@@ -83,10 +83,12 @@ def fisher_cache_path(cache_dir: str, backend: Backend, targets: List[AdaptTarge
 
 
 def diagonal_fisher(backend: Backend, targets: List[AdaptTarget], latents: torch.Tensor,
-                    cond: Cond, seed: int) -> Dict[str, torch.Tensor]:
+                    cond: Cond, seed: int, prompts: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
     """E[(∂ log p / ∂W)²] with log p ∝ −‖target − pred‖², one sample (and timestep) at a time
     so the squares are per-sample, as the Fisher needs. Gradients go to the base weights
-    only for this estimate; their requires_grad flags are restored by the caller."""
+    only for this estimate; their requires_grad flags are restored by the caller. With text-encoder
+    targets, `prompts` (one per latent) are encoded inside the graph: the precomputed `cond`
+    carries no gradient to the text encoder's weights."""
     g = torch.Generator().manual_seed(seed)
     weights = [t.module.weight for t in targets]
     for w in weights:
@@ -98,7 +100,8 @@ def diagonal_fisher(backend: Backend, targets: List[AdaptTarget], latents: torch
         t = torch.randint(0, T, (1,), generator=g).to(x0.device)
         eps = torch.randn(x0.shape, generator=g).to(x0)
         x_t = backend.schedule.add_noise(x0, eps, t)
-        pred = backend.denoise(x_t, t, {k: v[i:i + 1] for k, v in cond.items()})
+        c = backend.encode_text(prompts[i:i + 1]) if prompts is not None else {k: v[i:i + 1] for k, v in cond.items()}
+        pred = backend.denoise(x_t, t, c)
         loss = denoising_error(pred, backend.schedule.target(x0, eps, t)).sum()
         for f, gr in zip(fisher, torch.autograd.grad(loss, weights)):
             f += gr.float().pow(2)

@@ -85,18 +85,23 @@ def _encode_unique(backend, prompts):
 
 
 def fisher_prompts(cfg, captions: List[str]) -> List[str]:
-    """The prompts of the images the Fisher prior is estimated on. By default: the unconditional
-    prompt, and each forget caption that names the concept with the concept taken out ("a small
-    red circle" → "a small circle"), so the weights the rest of those captions rely on are held
-    tight and only what is specific to the concept is free to move. Captions that name it
-    another way (a synonym) are left out: protecting them would protect the concept."""
-    if cfg.fisher_prompts:
-        return list(cfg.fisher_prompts)
+    """The prompts of the images the Fisher prior (and replay) is estimated on. By default: the
+    unconditional prompt, and each forget caption that names the concept with the concept taken
+    out ("a small red circle" → "a small circle"), so the weights the rest of those captions rely
+    on are held tight and only what is specific to the concept is free to move. Captions that name
+    it another way (a synonym) are left out: protecting them would protect the concept. Each
+    concept to keep (`keep`) adds those captions with it in the concept's place ("a small orange
+    circle"): without them, forgetting red drags its nearest neighbour along (it shifts every hue
+    one step, red to orange and orange to yellow; README, "Keeping neighbours")."""
+    base = list(cfg.fisher_prompts)
     if not cfg.concept.strip():
-        return [""]
+        return base or [""]
     word = re.compile(r"\b" + re.escape(cfg.concept.strip()) + r"\b", re.IGNORECASE)
-    rest = {" ".join(word.sub(" ", c).split()) for c in captions if word.search(c)}
-    return [""] + sorted(rest - {""})
+    named = [c for c in captions if word.search(c)]
+    if not base:
+        base = [""] + sorted({" ".join(word.sub(" ", c).split()) for c in named} - {""})
+    kept = sorted({word.sub(k.strip(), c) for k in cfg.keep for c in named} - set(base))
+    return base + kept
 
 
 def fisher_image_prompts(cfg, captions: List[str]) -> List[str]:
@@ -126,7 +131,8 @@ def _build_prior(backend, cfg, targets, resolution, workers, captions, images) -
 
     def compute():
         lat, cond = images()
-        return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed)
+        prompts = spec["prompts"] if any(t.component != "unet" for t in targets) else None
+        return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed, prompts)
     path = fisher_cache_path(cache, backend, targets, spec)
     if not workers.is_main:
         workers.barrier()  # the main process computes and caches it; the others read it
@@ -397,6 +403,7 @@ def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:
         "vdu_prior_sigma": str(cfg.prior_sigma),
         "vdu_replay": str(cfg.replay),
         "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
+        "vdu_keep": ", ".join(cfg.keep),
         "vdu_layers": cfg.layers,
         "vdu_lr": str(cfg.lr),
         "vdu_variational": str(cfg.variational).lower(),

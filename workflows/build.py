@@ -34,8 +34,8 @@ SPECS: Dict[str, tuple] = {
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP")], ["lora_name", "strength_model", "strength_clip"],
                    [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
-    "VDUForgetImages": ([("images", "IMAGE")], ["folder", "concept", "resolution", "crop"], [("VDU_FORGET", "VDU_FORGET")]),
-    "VDUConcept": ([], ["concept", "anchor", "num_images", "resolution"], [("VDU_FORGET", "VDU_FORGET")]),
+    "VDUForgetImages": ([("images", "IMAGE")], ["folder", "concept", "resolution", "crop", "keep"], [("VDU_FORGET", "VDU_FORGET")]),
+    "VDUConcept": ([], ["concept", "anchor", "num_images", "resolution", "keep"], [("VDU_FORGET", "VDU_FORGET")]),
     "VDUUnlearn": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("forget", "VDU_FORGET")],
                    ["objective", "steps", "rank", "learning_rate", "gamma", "prior", "prior_sigma", "layers",
                     "seed+control", "memory"],
@@ -145,12 +145,12 @@ def _unlearn_workflow(forget_type: str, filename: str, **forget_widgets) -> Grap
 
 def unlearn_from_folder() -> Graph:
     return _unlearn_workflow("VDUForgetImages", "unlearned/forget-from-folder", folder="examples/red_shapes",
-                             concept="a red circle", resolution=0, crop="center")
+                             concept="a red circle", resolution=0, crop="center", keep="")
 
 
 def unlearn_from_prompt() -> Graph:
     return _unlearn_workflow("VDUConcept", "unlearned/forget-from-prompt", concept="a red circle",
-                             anchor="a grey circle", num_images=8, resolution=0)
+                             anchor="a grey circle", num_images=8, resolution=0, keep="")
 
 
 def apply_and_compare() -> Graph:
