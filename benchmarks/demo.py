@@ -1,4 +1,5 @@
-"""`make demo`: forget "red" from the bundled mini model with VDU, from 16 images of it.
+"""`make demo`: forget "red" from the bundled mini model with VDU, from 16 images of it, keeping
+its neighbour "orange" (named as a concept to keep: without it, forgetting red shifts every hue a step).
 
 Writes the LoRA and a before/after grid, and prints forget rate and retain accuracy before and
 after (measured by the world's evaluator on samples with fixed seeds).
@@ -18,23 +19,24 @@ from miniworld.evaluator import Evaluator
 from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
 from vdu_engine.grid import to_pil_grid
 
-CONCEPT = "red"
+CONCEPT, KEEP = "red", ["orange"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--samples", type=int, default=128, help="samples per prompt set for the numbers")
+    p.add_argument("--steps", type=int, default=UnlearnConfig.steps, help="training steps (fewer: a smoke test)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = DiffusersBackend.load(MODEL_DIR, device="cpu")
     evaluator = Evaluator(EVALUATOR_DIR)
     forget = world_eval.forget_images(CONCEPT, 16)
-    print(f"forgetting {CONCEPT!r} from {MODEL_DIR.name} with VDU, from {len(forget)} images of it")
+    print(f"forgetting {CONCEPT!r} from {MODEL_DIR.name} with VDU, from {len(forget)} images of it, keeping {KEEP}")
 
     t0 = time.time()
-    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, cache_dir=str(out / "cache")), forget,
+    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, keep=KEEP, steps=args.steps, cache_dir=str(out / "cache")), forget,
                      progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="", flush=True))
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")
     lora = result.save(out / f"forget-{CONCEPT}.safetensors", overwrite=True)

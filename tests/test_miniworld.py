@@ -109,6 +109,17 @@ def test_one_quick_benchmark_cell(tmp_path):
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
 
 
+def test_demo_writes_its_lora_grid_and_numbers(tmp_path, capsys):
+    from benchmarks import demo
+    from safetensors import safe_open
+    demo.main(["--out", str(tmp_path), "--samples", "8", "--steps", "3"])
+    out = capsys.readouterr().out
+    assert "forget rate (red)" in out and "orange accuracy" in out
+    with safe_open(str(tmp_path / "forget-red.safetensors"), "pt") as f:
+        assert f.metadata()["vdu_concept"] == "red" and f.metadata()["vdu_keep"] == "orange"
+    assert (tmp_path / "before_after.png").exists()
+
+
 def test_reference_rows_are_cached_by_model_code_and_settings(tmp_path):
     from benchmarks import quality, world_eval
     evaluator, cells = Evaluator(EVALUATOR_DIR), quality.grid_cells("red")[:2]
