@@ -1,5 +1,6 @@
 # The VDU-defaults sweep on a GPU machine: 8 workers side by side, each running its share of the
 # settings in tools/vdu_sweep/configs.py (3 training seeds, 256 samples per cell, fp32 like the CPU).
+# ROUND=2 runs the second round. DEADLINE (s) limits each concept's share of a worker, not the whole run.
 set -x
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
