@@ -2,7 +2,10 @@
 
 "keep" settings give Fisher/replay prompts that name neighbours in the concept's place: the
 captions of the forget images with the concept word swapped for each kept word, beside the
-default prompts ("" and the captions with the word taken out).
+default prompts ("" and the captions with the word taken out). The sweep predates the engine's
+`keep` option, which now builds such prompts itself; these explicit lists (in their own order,
+which decides which prompts the Fisher images fall on) stay so that run.sh reproduces the
+committed results.
 """
 import json
 import sys
