@@ -4,7 +4,9 @@ For a concept (a colour or a shape) the prompts fall in four sets: `forget` (nam
 `synonym` (naming it with another word the model learned), `neighbour` (the nearest other
 concept), and `retain` (everything else). A sample shows the concept when the evaluator sees it
 (colour analytically, shape by the classifier); it is correct when both its shape and colour
-are what its prompt asks for.
+are what its prompt asks for. An erasure that draws nothing also stops a concept from showing, so
+the forget sets also measure whether the rest of the prompt is still drawn (`content_kept`), and
+every set how many images are blank or noise (`is_blank`, `is_noise`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 from miniworld import dataset
-from miniworld.evaluator import MIN_REGION, Evaluator, colour_area, frechet_distance
+from miniworld.evaluator import MIN_REGION, Evaluator, classify_colour, colour_area, frechet_distance
 from vdu_engine.sampling import ddim_sample
 
 # DDIM 10 measures the same as 20 within sampling noise (`python -m benchmarks.world_eval` with and
@@ -83,6 +85,50 @@ def shows(concept: str, images: torch.Tensor, shapes: List[str]) -> List[bool]:
     return [s == concept for s in shapes]
 
 
+# A pixel stands out when a channel is this far from the image's median colour: 10x the texture's
+# sigma (0.015; over 900 shapeless backgrounds none passes 0.08), well under the faintest shape
+# (purple on grey, ~0.38 in a channel). With fewer than MIN_REGION such pixels an image is blank:
+# over 4000 dataset images at least 33 stand out (over 96 of the mini model's, 57), on a shapeless
+# background none.
+STANDOUT = 0.15
+# Mean absolute difference between neighbouring pixels above which an image is noise: the
+# geometric middle of the dataset's largest (0.042 over 4000 images, edges and texture) and
+# uniform noise's smallest (0.32), about what Gaussian noise of sigma 0.1 over grey gives (0.11).
+# The mini model's own images reach 0.047.
+NOISE_STEP = 0.12
+
+
+def is_blank(images: torch.Tensor) -> List[bool]:
+    """Whether each image [N, 3, H, W] in [0, 1] has no shape to speak of: fewer than MIN_REGION
+    pixels stand out from its median colour. A grey or dark shape on another background stands
+    out (it is only `classify_colour`'s "none"); a frame filled with one colour is blank; noise
+    is not blank, see is_noise."""
+    px = images.detach().flatten(2)
+    off = (px - px.median(-1, keepdim=True).values).abs().amax(1)
+    return ((off > STANDOUT).sum(-1) < MIN_REGION).tolist()
+
+
+def is_noise(images: torch.Tensor) -> List[bool]:
+    """Whether each image is dominated by pixel-to-pixel variation (noise, not a drawn shape)."""
+    x = images.detach()
+    step = ((x[..., :, 1:] - x[..., :, :-1]).abs().mean((1, 2, 3)) +
+            (x[..., 1:, :] - x[..., :-1, :]).abs().mean((1, 2, 3))) / 2
+    return (step > NOISE_STEP).tolist()
+
+
+def content_kept(concept: str, images: torch.Tensor, cells: List[Cell], evaluator: Evaluator) -> List[bool]:
+    """Whether each image still draws what its prompt asks for besides the concept: forgetting a
+    colour should keep the shape, forgetting a shape the colour. A blank or noise image keeps
+    nothing (the shape classifier names a shape for any image, blank or not). The classifier
+    learned saturated shapes only and does not recognise grey ones: a colour erased to grey
+    counts as content lost."""
+    if dataset.CONCEPTS[concept]["kind"] == "colour":
+        kept = [s == c.shape for s, c in zip(evaluator.classify_shape(images), cells)]
+    else:
+        kept = [col == c.colour for col, c in zip(classify_colour(images), cells)]
+    return [k and not b and not z for k, b, z in zip(kept, is_blank(images), is_noise(images))]
+
+
 def _sample_split(backend, cells: List[Cell], seed: int, networks) -> tuple:
     """Each network draws a 1/len(networks) share of the cells, picked by a fixed shuffle: a plain
     stride would give each network only the prompts at its offset (with sets whose size is a
@@ -100,7 +146,10 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
              real_retain: Optional[torch.Tensor] = None) -> Dict[str, object]:
     """The metrics of one model, optionally with a LoRA network attached. `network` may be a
     list (the runs of one setting with different training seeds): the n samples of each set are
-    split evenly among them, so the metrics average over training runs at the cost of one."""
+    split evenly among them, so the metrics average over training runs at the cost of one.
+    Keys: `forget_rate`, `content_kept` and their `synonym_` twins; `neighbour_acc`,
+    `retain_acc`; per set the share of blank and of noise images (`blank_share`, `noise_share`
+    for the forget set, `synonym_`, `neighbour_` and `retain_` for the others); `ufid`."""
     networks = network if isinstance(network, (list, tuple)) else [network]
     sets = prompt_sets(concept)
     result, images = {}, {}
@@ -108,11 +157,15 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
         cells, imgs = _sample_split(backend, expand(sets[name], n), seed, networks)
         images[name] = imgs
         shapes, colours = evaluator.classify(imgs)
+        prefix = "" if name == "forget" else f"{name}_"
         if name in ("forget", "synonym"):
-            result[f"{'' if name == 'forget' else 'synonym_'}forget_rate"] = sum(shows(concept, imgs, shapes)) / n
+            result[f"{prefix}forget_rate"] = sum(shows(concept, imgs, shapes)) / n
+            result[f"{prefix}content_kept"] = sum(content_kept(concept, imgs, cells, evaluator)) / n
         else:
             ok = [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
             result[f"{name}_acc"] = sum(ok) / n
+        result[f"{prefix}blank_share"] = sum(is_blank(imgs)) / n
+        result[f"{prefix}noise_share"] = sum(is_noise(imgs)) / n
     if real_retain is not None:
         result["ufid"] = frechet_distance(evaluator.features(images["retain"]), evaluator.features(real_retain))
     return {"metrics": result, "images": images}

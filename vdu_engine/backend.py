@@ -149,6 +149,11 @@ class Backend(ABC):
         while the UNet trains ([]: the host application manages where they live)."""
         return []
 
+    def vocabulary(self):
+        """(whole words, their token embeddings [V, D]) of the (first) text encoder, for finding the
+        words nearest to a concept; None when the backend cannot list them."""
+        return None
+
     def generate(self, prompts: List[str], seed: int, steps: int = 20, guidance: float = 7.5,
                  resolution: int | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [0, 1] from the model itself, with the LoRAs the

@@ -9,7 +9,7 @@ from .errors import VDUError
 from .layers import DEFAULT_PRESET, PRESETS
 from .memory import MEMORY_PRESETS, PRECISIONS
 
-OBJECTIVES = ("vdu", "esd", "score_align", "gradient_ascent")
+OBJECTIVES = ("vdu", "esd", "score_align", "gradient_ascent", "uce")
 PRIORS = ("isotropic", "fisher", "ensemble")
 
 
@@ -17,9 +17,9 @@ PRIORS = ("isotropic", "fisher", "ensemble")
 class UnlearnConfig:
     """Every knob of a run. Field comments are the CLI's help text."""
 
-    objective: str = "vdu"  # vdu | esd | score_align | gradient_ascent
+    objective: str = "vdu"  # vdu | esd | score_align | gradient_ascent | uce
     concept: str = ""  # prompt naming the concept: caption of images without a .txt, and the prompt of prompt-only runs
-    anchor: str = ""  # safe prompt the concept should turn into (score_align; "" = unconditional)
+    anchor: str = ""  # safe prompt the concept should turn into ("" = each caption without the concept; score_align: unconditional)
     steps: int = 200  # optimisation steps
     rank: int = 4  # LoRA rank
     alpha: float = 4.0  # LoRA alpha (scale = alpha / rank)
@@ -29,11 +29,18 @@ class UnlearnConfig:
     prior: str = "fisher"  # isotropic | fisher | ensemble: variance of the Gaussian prior over weights
     prior_sigma: float = 10.0  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
-    fisher_samples: int = 16  # images the model generates to estimate the Fisher prior
+    fisher_samples: int = 32  # images the model generates to estimate the Fisher prior
     fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
     keep: List[str] = field(default_factory=list)  # concepts to keep, e.g. the concept's neighbours ("orange" when forgetting "red"): the forget captions with each in the concept's place join the Fisher prompts
     replay: float = 10.0  # VDU weight of the function-space stability term: drift of the model's predictions on images it generates for the Fisher prompts (0 = off)
     replay_batch: int = 0  # replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)
+    destination: float = 0.0  # VDU weight of the destination: the concept's prediction pulled to the frozen model's for the caption without it (0 = off: on the mini model it slowed forgetting, docs/quality/tuning.md)
+    destination_mode: str = "remove"  # remove: the caption without the concept; neighbours: the mean over the neighbours found in its place
+    anchor_guidance: float = 1.0  # how far the destination is guided away from the concept (a negative prompt of this strength)
+    plasticity: float = 1.0  # VDU weight of the bounded plasticity inducer (the paper's term)
+    neighbours: int = 8  # words nearest to the concept that are checked: synonyms are forgotten too, neighbours held (0 = off)
+    uce_preserve: float = 1.0  # uce: weight of the preserved embeddings against the erased ones
+    uce_lambda: float = 0.1  # uce: ridge weight holding the edited projections near the loaded ones
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
     bound: float = 2.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
@@ -104,6 +111,14 @@ class UnlearnConfig:
             bad("keep", "kept concepts take the concept's place in the captions; pass --concept TEXT too")
         if any(not k.strip() for k in self.keep):
             bad("keep", "an empty concept to keep; give words such as --keep orange")
+        if self.destination_mode not in ("remove", "neighbours"):
+            bad("destination_mode", f"{self.destination_mode!r} is not one of remove, neighbours")
+        if not float(self.destination) >= 0 or not float(self.plasticity) >= 0:
+            bad("destination", "the destination and plasticity weights must be 0 (off) or positive")
+        if int(self.neighbours) < 0:
+            bad("neighbours", f"must be 0 (off) or more, got {self.neighbours}")
+        if self.objective == "vdu" and self.destination == 0 and self.plasticity == 0:
+            bad("plasticity", "with --destination 0 and --plasticity 0 nothing is forgotten; raise one of them")
         if self.prior == "ensemble" and self.objective == "vdu" and not self.ensemble:
             bad("ensemble", "prior=ensemble needs at least one other checkpoint; pass --ensemble PATH")
         return self

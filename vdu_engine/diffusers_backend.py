@@ -141,6 +141,18 @@ class DiffusersBackend(Backend):
         time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts), device=self.device, dtype=pooled.dtype)
         return {"context": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids}
 
+    def vocabulary(self):
+        """CLIP's BPE vocabulary: the tokens that end a word ("red</w>") are whole words when
+        they are a single token, which is what the embedding table holds one row for."""
+        tok, te = self.tokenizers[0], self.text_encoders[0]
+        words, rows = [], []
+        for token, i in tok.get_vocab().items():
+            if token.endswith("</w>"):
+                words.append(token[:-4])
+                rows.append(i)
+        table = te.get_input_embeddings().weight.detach()
+        return words, table[torch.tensor(rows, device=table.device)].float().cpu()
+
     def targets(self) -> List[AdaptTarget]:
         out = []
         for path, m in self.unet.named_modules():

@@ -1,37 +1,57 @@
-"""The training objectives, each a few lines over the same inputs.
+"""The training objectives: one class each, over one contract.
 
-Notation: x_t noisy forget latents at timesteps t, c the concept's conditioning, pred the
-adapted network's output ε_θ(x_t, t, c) (or v for v-prediction models), target the true ε (or v),
-and frozen(·) the loaded model with the LoRA switched off, evaluated without gradients.
+An objective is built once per run from the run's inputs (`train.Run`); it prepares what it
+needs before training (pools of frozen predictions, the prior, the bound), draws each step's
+batch, and gives the loss of one forward/backward pass over a slice of that batch together with
+the statistics the progress bar shows. `train._optimise` knows nothing else about it.
+
+Notation: x_t noisy latents at timesteps t, c a caption naming the concept, c⁻ the same caption
+with the concept taken out ("a red circle" → "a circle"), ε_θ the adapted network's output (ε, or
+v for v-prediction models), target the true ε (or v), and ε* the loaded model with the LoRA off.
 """
 
 from __future__ import annotations
 
+from typing import Dict, Tuple
+
 import torch
+
+from .backend import cond_cat, cond_index
+from .pools import PredictionPool
+
+Stats = Dict[str, torch.Tensor]
 
 
 def denoising_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """‖ε − ε_θ(x_t, t, c)‖² per sample, averaged over latent elements (the constant factor
-    is absorbed into σ*, so the prior scale does not depend on the resolution)."""
+    """‖a − b‖² per sample, averaged over latent elements (the constant factor is absorbed into
+    σ*, so the prior scale does not depend on the resolution)."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor,
-             gamma: float, n_forget: int) -> torch.Tensor:
-    """Variational Diffusion Unlearning (FIELD_NOTES §1):
+def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, destination: torch.Tensor,
+             gamma: float, n_forget: int, plasticity: float) -> torch.Tensor:
+    """Variational Diffusion Unlearning (Panda et al., TMLR 2026, eq. of the objective):
 
         L(θ) = γ · Σ_i (θ_i − μ*_i)² / (2 σ*_i²)  −  (1 − γ) · Σ_{x ∈ D_f} Σ_t C_t ‖ε − ε_θ(x_t, t, c)‖²
+               └── stability regularizer ──┘        └────────── plasticity inducer ──────────┘
 
-    `stability` is the first sum (prior.PriorEnergy), plus by default the same Gaussian's
-    quadratic form measured in function space, replay · N · E‖ε_θ − ε_θ*‖² on images the model
-    generates itself (train.Terms, replayed from a pool made once), which the diagonal misses. The second sum is
-    estimated from the batch: n_forget × the batch mean, t drawn uniformly from the trained range (C_t = 1 there, 0
-    outside). Each sample's error is capped at `bound` (a multiple of the frozen model's own
-    error at that timestep): the term is unbounded below otherwise, and once a sample is
-    "forgotten enough" its gradient stops instead of pushing the model into noise.
+    as computed here, with D_f's sum estimated from the batch (N = |D_f| × the batch mean):
+
+        L(θ) = γ · S(θ)  +  (1 − γ) · N · E[ ‖ε_θ(x_t, c) − ε_dest‖²  −  λ · min(‖ε − ε_θ(x_t, c)‖², b_t) ]
+
+    - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
+      function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
+      preservation prompts (`VDU`), which the diagonal prior alone misses.
+    - the plasticity inducer (`err`, weight λ = `plasticity`) lowers the likelihood of the forget
+      images under c; each sample's error is capped at b_t (`bound`, a multiple of the frozen
+      model's own error at t), past which it gives no gradient: the paper's term is unbounded below.
+    - the destination (`destination`, ‖ε_θ − ε_dest‖² per sample) says where the lowered likelihood
+      goes: ε_dest = ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)), what the frozen model predicts for the
+      caption without the concept, guided away from it. The inducer alone drives the forget prompts
+      to noise; with a destination they still draw the rest of what they ask for.
     """
-    plasticity = n_forget * torch.minimum(err, bound).mean()
-    return gamma * stability - (1 - gamma) * plasticity
+    forget = destination - plasticity * torch.minimum(err, bound)
+    return gamma * stability + (1 - gamma) * n_forget * forget.mean()
 
 
 def gradient_ascent_loss(err: torch.Tensor) -> torch.Tensor:
@@ -43,11 +63,149 @@ def esd_loss(pred: torch.Tensor, frozen_cond: torch.Tensor, frozen_uncond: torch
              eta: float) -> torch.Tensor:
     """ESD (Gandikota et al. 2023): pull ε_θ(x_t, c) to the negatively guided frozen output
     ε*(x_t, ∅) − η [ε*(x_t, c) − ε*(x_t, ∅)]."""
-    target = frozen_uncond - eta * (frozen_cond - frozen_uncond)
-    return denoising_error(pred, target).mean()
+    return denoising_error(pred, guided_away(frozen_uncond, frozen_cond, eta)).mean()
 
 
 def score_align_loss(pred: torch.Tensor, frozen_anchor: torch.Tensor) -> torch.Tensor:
     """SFD-style score alignment: the concept's conditional prediction ε_θ(x_t, c) pulled to
     the frozen model's prediction for the safe anchor prompt, ε*(x_t, c_anchor)."""
     return denoising_error(pred, frozen_anchor).mean()
+
+
+def guided_away(toward: torch.Tensor, concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """toward − η (concept − toward): a negative prompt of strength η (ESD's target with
+    toward = ε*(x_t, ∅); VDU's destination with toward = ε*(x_t, c⁻))."""
+    return toward - eta * (concept - toward)
+
+
+class Objective:
+    """The contract. `reported`: the statistics `loss` returns, shown in this order."""
+
+    reported: Tuple[str, ...] = ()
+
+    def __init__(self, run):
+        self.run = run
+        self.pool = PredictionPool.of_forget_set(run)
+
+    def draw(self, g: torch.Generator) -> Dict[str, torch.Tensor]:
+        """The step's whole batch (every process draws the same one; passes take slices)."""
+        return {"rows": self.pool.draw(self.run.cfg.batch_size, g)}
+
+    def loss(self, batch, part: slice) -> Tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    def should_stop(self, ema: Dict[str, float]) -> bool:
+        return False
+
+    def _forward(self, rows, extra=None):
+        """ε_θ on pool rows (and, riding in the same forward pass, extra (x_t, t, cond))."""
+        run, p = self.run, self.pool
+        x_t, t, c = p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows])
+        if extra is None:
+            return run.denoise(x_t, t, c), None
+        ex, et, ec = extra
+        pred = run.denoise(torch.cat([x_t, ex]), torch.cat([t, et]), cond_cat([c, ec]))
+        return pred.split([len(x_t), len(ex)])
+
+
+class GradientAscent(Objective):
+    reported = ("forget_error",)
+
+    def loss(self, batch, part):
+        rows = batch["rows"][part]
+        pred, _ = self._forward(rows)
+        err = denoising_error(pred, self.pool.target[rows])
+        return gradient_ascent_loss(err), {"forget_error": err.mean().detach()}
+
+
+class ESD(Objective):
+    """Erased Stable Diffusion (Gandikota et al., ICCV 2023): ε_θ(x_t, c) pulled to
+    ε*(x_t, ∅) − η [ε*(x_t, c) − ε*(x_t, ∅)], the frozen model negatively guided by the concept."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.uncond, self.named = self.pool.frozen(run, lambda i: ""), self.pool.frozen_named(run)
+
+    def loss(self, batch, part):
+        rows = batch["rows"][part]
+        pred, _ = self._forward(rows)
+        return esd_loss(pred, self.named[rows], self.uncond[rows], self.run.cfg.esd_eta), {}
+
+
+class ScoreAlign(Objective):
+    """SFD-style score alignment (Chen et al., ICLR 2025): the concept's prediction ε_θ(x_t, c)
+    pulled to the frozen model's prediction for a safe anchor prompt, ε*(x_t, c_anchor)."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.goal = self.pool.frozen(run, lambda i: run.cfg.anchor)
+
+    def loss(self, batch, part):
+        rows = batch["rows"][part]
+        pred, _ = self._forward(rows)
+        return score_align_loss(pred, self.goal[rows]), {}
+
+
+class VDU(Objective):
+    """`vdu_loss` over: the forget pool with its destinations, the replay pool of the model's own
+    images for the preservation prompts, the prior, and the bound profile."""
+
+    reported = ("stability", "destination", "forget_error", "bounded")
+
+    def __init__(self, run):
+        super().__init__(run)
+        cfg = run.cfg
+        self.goal = guided_away(self.pool.frozen(run, run.destination_prompt), self.pool.frozen_named(run),
+                                cfg.anchor_guidance) if cfg.destination > 0 else None
+        self.prior = run.prior()
+        self.profile = run.bound_profile() if cfg.plasticity > 0 else None
+        self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
+        self.n_replay = cfg.replay_batch or cfg.batch_size
+
+    def draw(self, g):
+        batch = super().draw(g)
+        if self.replay is not None:
+            batch["replay"] = self.replay.draw(self.n_replay, g)
+        return batch
+
+    def _replay_rows(self, batch, part: slice):
+        """The replay rows that go with a slice of the forget batch: the same share of them."""
+        scale = self.n_replay / self.run.cfg.batch_size
+        return batch["replay"][round(part.start * scale):round(part.stop * scale)]
+
+    def loss(self, batch, part):
+        run, cfg, pool = self.run, self.run.cfg, self.pool
+        rows = batch["rows"][part]
+        n = run.n_forget
+        replay = self._replay_rows(batch, part) if self.replay is not None else None
+        extra = None
+        if replay is not None and len(replay):
+            r = self.replay
+            extra = (r.x_t[replay], r.t[replay], cond_index(r.cond, r.caption[replay]))
+        pred, pred_r = self._forward(rows, extra)
+        zero = torch.zeros(len(rows), device=pred.device)
+        err = denoising_error(pred, pool.target[rows])
+        dest = denoising_error(pred, self.goal[rows]) * cfg.destination if self.goal is not None else zero
+        if self.profile is not None:
+            bound = cfg.bound * self.profile[pool.bucket(rows)]
+        else:
+            bound = zero
+        stability = run.prior_energy(self.prior)
+        if pred_r is not None:
+            # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖², summed over this pass's rows and divided by its
+            # share of the batch, so that passes add up to the step's mean.
+            drift = denoising_error(pred_r, self.replay.ref[replay]).sum() * cfg.batch_size / (len(rows) * self.n_replay)
+            stability = stability + cfg.replay * n * drift
+        loss = vdu_loss(stability, err, bound, dest, cfg.gamma, n, cfg.plasticity)
+        if cfg.variational:
+            loss = loss - cfg.gamma * run.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
+        bounded = (err >= bound).float().mean() if self.profile is not None else torch.zeros(())
+        return loss, {"stability": stability.detach(), "destination": dest.mean().detach(),
+                      "forget_error": err.mean().detach(), "bounded": bounded.to(err.device)}
+
+    def should_stop(self, ema):
+        cfg = self.run.cfg
+        return self.profile is not None and cfg.stop_when_bounded > 0 and ema.get("bounded", 0.0) >= cfg.stop_when_bounded
+
+
+REGISTRY = {"vdu": VDU, "esd": ESD, "score_align": ScoreAlign, "gradient_ascent": GradientAscent}

@@ -1,8 +1,13 @@
 """`unlearn`: one run from a backend, a config and a forget set to a LoRA.
 
-Order of work: validate → forget latents and text embeddings (once) → layers → prior → the
-frozen model's error profile (for the plasticity bound) → optimisation → result. Nothing is
-written to disk here except the Fisher cache; `UnlearnResult.save` writes the LoRA.
+The phases of a run, each a function below:
+1. `Run.setup`: validate, encode the forget set once, find the concept's synonyms and neighbours
+   (neighbours.py), choose the layers and build the LoRA network;
+2. the objective prepares what it needs (objectives.py: pools of frozen predictions, the prior,
+   the bound profile);
+3. `_optimise`: the training loop, the same for every objective;
+4. the result: the LoRA's kohya state dict and the run's metadata.
+Nothing is written to disk here except the Fisher cache; `UnlearnResult.save` writes the LoRA.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import __version__
-from .backend import Backend, cond_cat, cond_index
+from .backend import Backend, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
 from .distributed import Workers
@@ -26,18 +31,17 @@ from .errors import VDUError
 from .layers import select_targets
 from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
-from .objectives import (denoising_error, esd_loss, gradient_ascent_loss, score_align_loss,
-                         vdu_loss)
+from .neighbours import Vicinity, classify, nearest_words, without, word_pattern
+from .objectives import REGISTRY, denoising_error
+from .pools import N_BOUND_BUCKETS
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
 from .sampling import ddim_latents
 from .saving import atomic_save_file
 
 Progress = Callable[[int, int, Dict[str, float]], None]
-N_BOUND_BUCKETS = 10
 PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
-PROFILE_PASS = 8  # images per no-grad forward of the profile and the replay pool: less memory than a training step
-REPLAY_POOL = 128  # noisy replay latents whose frozen predictions are computed once (8 per Fisher image by default)
+PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
 
 
 @dataclass
@@ -84,53 +88,49 @@ def _encode_unique(backend, prompts):
     return cond_index(cond, index.to(next(iter(cond.values())).device))
 
 
-def fisher_prompts(cfg, captions: List[str]) -> List[str]:
-    """The prompts of the images the Fisher prior (and replay) is estimated on. By default: the
-    unconditional prompt, and each forget caption that names the concept with the concept taken
-    out ("a small red circle" → "a small circle"), so the weights the rest of those captions rely
-    on are held tight and only what is specific to the concept is free to move. Captions that name
-    it another way (a synonym) are left out: protecting them would protect the concept. Each
-    concept to keep (`keep`) adds those captions with it in the concept's place ("a small orange
-    circle"): without them, forgetting red drags its nearest neighbour along (it shifts every hue
-    one step, red to orange and orange to yellow; README, "Keeping neighbours")."""
+def fisher_prompts(cfg, captions: List[str], neighbours: List[str] = (), synonyms: List[str] = ()) -> List[str]:
+    """The preservation prompts: the prompts of the images the Fisher prior and replay are
+    measured on. By default: the unconditional prompt, and each forget caption that names the
+    concept with the concept taken out ("a small red circle" → "a small circle"), so the weights
+    the rest of those captions rely on are held tight and only what is specific to the concept is
+    free to move. Captions that name it another way (a synonym) are left out: protecting them
+    would protect the concept. Each neighbour (found by neighbours.classify, or named in `keep`)
+    adds those captions with it in the concept's place ("a small orange circle"): without them,
+    forgetting red drags its nearest neighbour along."""
     base = list(cfg.fisher_prompts)
     if not cfg.concept.strip():
         return base or [""]
-    word = re.compile(r"\b" + re.escape(cfg.concept.strip()) + r"\b", re.IGNORECASE)
-    named = [c for c in captions if word.search(c)]
+    word = word_pattern([cfg.concept, *synonyms])
+    concept = word_pattern([cfg.concept])
+    named = [c for c in captions if concept.search(c)]
     if not base:
-        base = [""] + sorted({" ".join(word.sub(" ", c).split()) for c in named} - {""})
-    kept = sorted({word.sub(k.strip(), c) for k in cfg.keep for c in named} - set(base))
+        base = [""] + sorted({without(c, word) for c in captions if word.search(c)} - {""})
+    held = list(dict.fromkeys([k.strip() for k in cfg.keep] + list(neighbours)))
+    kept = sorted({concept.sub(k, c) for k in held for c in named} - set(base))
     return base + kept
 
 
-def fisher_image_prompts(cfg, captions: List[str]) -> List[str]:
-    """One prompt per Fisher image: the Fisher prompts spread evenly over the images, the
+def fisher_image_prompts(cfg, captions: List[str], neighbours: List[str] = (), synonyms: List[str] = ()) -> List[str]:
+    """One prompt per Fisher image: the preservation prompts spread evenly over the images, the
     unconditional one first. (Not the first ones in order: sorted captions would put only "a
     large …" prompts in when there are more prompts than images.)"""
-    prompts, n = fisher_prompts(cfg, captions), cfg.fisher_samples
+    prompts, n = fisher_prompts(cfg, captions, neighbours, synonyms), cfg.fisher_samples
     return [prompts[i * len(prompts) // n] for i in range(n)]
 
 
-def _fisher_images(backend, cfg, captions, resolution):
-    """The images (latents) the model generates for the Fisher prompts, with their conditioning."""
-    prompts = fisher_image_prompts(cfg, captions)
-    lat = ddim_latents(backend, prompts, cfg.seed + 10_000, cfg.sample_steps, cfg.guidance, resolution)
-    return lat, _encode_unique(backend, prompts)
-
-
-def _build_prior(backend, cfg, targets, resolution, workers, captions, images) -> PriorEnergy:
+def _build_prior(run) -> PriorEnergy:
+    backend, cfg, targets, workers = run.backend, run.cfg, run.targets, run.workers
     if cfg.prior == "isotropic":
         return isotropic_prior(cfg.prior_sigma)
     if cfg.prior == "ensemble":
         others = [backend.target_weights_from(path, [t.key for t in targets]) for path in cfg.ensemble]
         return ensemble_prior(targets, others, cfg.prior_sigma)
-    spec = dict(n=cfg.fisher_samples, prompts=fisher_image_prompts(cfg, captions), res=resolution, seed=cfg.seed,
+    spec = dict(n=cfg.fisher_samples, prompts=run.image_prompts, res=run.resolution, seed=cfg.seed,
                 steps=cfg.sample_steps, guidance=cfg.guidance)
     cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vdu-unlearn")
 
     def compute():
-        lat, cond = images()
+        lat, cond = run.images()
         prompts = spec["prompts"] if any(t.component != "unet" for t in targets) else None
         return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed, prompts)
     path = fisher_cache_path(cache, backend, targets, spec)
@@ -171,21 +171,112 @@ def _denoise(backend, amp, x_t, t, c):
         return backend.denoise(x_t, t, c)
 
 
-@torch.no_grad()
-def _replay_pool(backend, images, seed, amp) -> Dict[str, torch.Tensor]:
-    """REPLAY_POOL noisy versions of the model's own images for the Fisher prompts, with the
-    frozen model's predictions on them, computed once before training: a step then replays rows
-    of the pool inside its own forward pass, with no frozen forward of its own."""
-    lat, cond = images
-    g = torch.Generator().manual_seed(seed + 3)
-    i = torch.arange(REPLAY_POOL) % len(lat)
-    t = torch.randint(0, backend.schedule.num_train_timesteps, (REPLAY_POOL,), generator=g).to(backend.device)
-    x0 = lat[i].to(backend.device, backend.dtype)
-    x_t = backend.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t)
-    i = i.to(backend.device)
-    ref = torch.cat([_denoise(backend, amp, x_t[s], t[s], cond_index(cond, i[s])).float()
-                     for s in (slice(a, a + PROFILE_PASS) for a in range(0, REPLAY_POOL, PROFILE_PASS))])
-    return {"x_t": x_t, "t": t, "row": i, "ref": ref, "cond": cond}
+class Run:
+    """What every objective may read: the model, the settings, the encoded forget set with its
+    captions (and their synonym variants), the concept's vicinity and the LoRA network."""
+
+    def __init__(self, backend: Backend, cfg: UnlearnConfig, forget: Optional[ForgetSet]):
+        self.backend, self.cfg, self.workers = backend, cfg, Workers()
+        if cfg.batch_size < self.workers.world:
+            raise VDUError(f"--batch-size {cfg.batch_size} cannot be split over {self.workers.world} processes; "
+                           f"raise it to at least {self.workers.world}")
+        self.timings: Dict[str, float] = {}
+        self.resolution = cfg.resolution or backend.resolution
+        self.amp = autocast_dtype(cfg.precision, backend.device, backend.dtype)
+        T = backend.schedule.num_train_timesteps
+        lo = int(cfg.t_min * (T - 1))
+        self.t_range = (lo, max(int(cfg.t_max * (T - 1)), lo + 1))
+        self._generated = []
+
+    # --- phase 1: the forget set, the vicinity, the network -------------------------------
+    def setup(self, forget):
+        t0 = time.perf_counter()
+        latents, self.captions = _forget_latents(self.backend, self.cfg, forget, self.resolution)
+        self.latents = self.workers.broadcast(latents.contiguous())
+        self.n_forget = len(self.latents)
+        self.vicinity = self._find_vicinity()
+        self._caption_variants()
+        self.timings["encode"] = time.perf_counter() - t0
+        self.targets = select_targets(self.backend.targets(), self.cfg.layers, self.cfg.train_text_encoder)
+        if not self.targets:
+            raise VDUError(f"layer preset {self.cfg.layers!r} matches no layer of this model; choose --layers all")
+        self.network = LoRANetwork(self.targets, self.cfg.rank, self.cfg.alpha, self.cfg.variational,
+                                   seed=self.cfg.seed).to(self.backend.device)
+        self.image_prompts = fisher_image_prompts(self.cfg, self.captions, self.vicinity.neighbours,
+                                                  self.vicinity.synonyms)
+        return self
+
+    def _find_vicinity(self) -> Vicinity:
+        """The concept's synonyms (forgotten with it) and neighbours (held), from the words nearest
+        to it that the frozen model tells apart (`--neighbours` candidates; 0: none)."""
+        cfg = self.cfg
+        if cfg.objective != "vdu" or cfg.neighbours <= 0 or not cfg.concept.strip():
+            return Vicinity()
+        kept = {k.strip().lower() for k in cfg.keep}
+        candidates = [w for w in nearest_words(self.backend, cfg.concept.strip(), cfg.neighbours) if w not in kept]
+        with torch.no_grad():
+            return classify(self.backend, self.latents, self.captions, cfg.concept.strip(), candidates, cfg.seed)
+
+    def _caption_variants(self):
+        """Every caption a forget image is trained with: its own, and its synonyms' versions of it."""
+        concept = word_pattern([self.cfg.concept]) if self.cfg.concept.strip() else None
+        self.all_captions, self.variants = [], []
+        for c in self.captions:
+            versions = [c] + ([concept.sub(s, c) for s in self.vicinity.synonyms] if concept and concept.search(c) else [])
+            self.variants.append([self._caption_index(v) for v in versions])
+        self.cond = _encode_unique(self.backend, self.all_captions)
+        self.concept_words = word_pattern([self.cfg.concept, *self.vicinity.synonyms]) if concept else None
+
+    def _caption_index(self, caption: str) -> int:
+        if caption not in self.all_captions:
+            self.all_captions.append(caption)
+        return self.all_captions.index(caption)
+
+    # --- what the objectives use ----------------------------------------------------------
+    def destination_prompt(self, caption_index: int) -> str:
+        """c⁻: the anchor if one is given; else the caption without the concept (or its synonyms);
+        a caption that names neither has the unconditional prompt as its destination."""
+        if self.cfg.anchor:
+            return self.cfg.anchor
+        caption = self.all_captions[caption_index]
+        if self.concept_words is None or not self.concept_words.search(caption):
+            return ""
+        if self.cfg.destination_mode == "neighbours" and self.vicinity.neighbours:
+            return [self.concept_words.sub(w, caption) for w in self.vicinity.neighbours]
+        return without(caption, self.concept_words)
+
+    def forget_cond(self, caption_index: torch.Tensor):
+        if self.cfg.train_text_encoder:  # the text encoder is trained: encode inside the graph
+            return self.backend.encode_text([self.all_captions[i] for i in caption_index.tolist()])
+        return cond_index(self.cond, caption_index.to(self.backend.device))
+
+    def denoise(self, x_t, t, c):
+        return _denoise(self.backend, self.amp, x_t, t, c)
+
+    def images(self):
+        """The model's own images for the preservation prompts, with their conditioning (made once)."""
+        if not self._generated:
+            lat = ddim_latents(self.backend, self.image_prompts, self.cfg.seed + 10_000, self.cfg.sample_steps,
+                               self.cfg.guidance, self.resolution)
+            self._generated.append((lat, _encode_unique(self.backend, self.image_prompts)))
+        return self._generated[0]
+
+    def prior(self) -> PriorEnergy:
+        t0 = time.perf_counter()
+        prior = _build_prior(self).to(self.backend.device)
+        self.timings["prior"] = time.perf_counter() - t0
+        return prior
+
+    def prior_energy(self, prior: PriorEnergy) -> torch.Tensor:
+        return prior(self.network.layers, self.network.current_factors())
+
+    def bound_profile(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        cond = cond_index(self.cond, torch.tensor([v[0] for v in self.variants], device=self.backend.device))
+        prof = self.workers.broadcast(_error_profile(self.backend, self.latents, cond, self.cfg.seed)
+                                      .to(self.backend.device))
+        self.timings["profile"] = time.perf_counter() - t0
+        return prof
 
 
 def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet] = None,
@@ -196,7 +287,17 @@ def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet]
     keeping what was learned so far. The backend's model is left exactly as it was."""
     cfg = config.validate()
     with torch.inference_mode(False), torch.enable_grad(), frozen(backend):
-        return _run(backend, cfg, forget, progress, should_stop)
+        run = Run(backend, cfg, forget).setup(forget)                       # phase 1
+        if cfg.objective == "uce":
+            return _closed_form(run)
+        t0 = time.perf_counter()
+        objective = REGISTRY[cfg.objective](run)                            # phase 2
+        run.timings["prepare"] = time.perf_counter() - t0
+        history = _optimise(run, objective, progress, should_stop)          # phase 3
+        net = run.network
+        net.eval()
+        net.forget_sample()
+        return UnlearnResult(net.kohya_state_dict(), _metadata(run, len(history)), history, run.timings, net)
 
 
 @contextmanager
@@ -220,173 +321,67 @@ def _passes(mine: slice, micro_batch_size: int) -> List[slice]:
     return [slice(a, min(a + size, mine.stop)) for a in range(mine.start, mine.stop, size)]
 
 
-def _run(backend, cfg, forget, progress, should_stop) -> UnlearnResult:
-    workers = Workers()
-    if cfg.batch_size < workers.world:
-        raise VDUError(f"--batch-size {cfg.batch_size} cannot be split over {workers.world} processes; "
-                       f"raise it to at least {workers.world}")
-    timings, t0 = {}, time.perf_counter()
-    dev, resolution = backend.device, cfg.resolution or backend.resolution
-    amp = autocast_dtype(cfg.precision, dev, backend.dtype)
-    latents, captions = _forget_latents(backend, cfg, forget, resolution)
-    latents = workers.broadcast(latents.contiguous())
-    cond = _encode_unique(backend, captions)
-    extra = {}
-    if cfg.objective == "esd":
-        extra["uncond"] = backend.encode_text([""])
-    if cfg.objective == "score_align":
-        extra["anchor"] = backend.encode_text([cfg.anchor])
-    timings["encode"] = time.perf_counter() - t0
-
-    targets = select_targets(backend.targets(), cfg.layers, cfg.train_text_encoder)
-    if not targets:
-        raise VDUError(f"layer preset {cfg.layers!r} matches no layer of this model; choose --layers all")
-    network = LoRANetwork(targets, cfg.rank, cfg.alpha, cfg.variational, seed=cfg.seed).to(dev)
-    t0 = time.perf_counter()
-    generated = []  # the Fisher images, made once for the prior (on a cold cache) and replay
-
-    def images():
-        if not generated:
-            generated.append(_fisher_images(backend, cfg, captions, resolution))
-        return generated[0]
-    prior = (_build_prior(backend, cfg, targets, resolution, workers, captions, images).to(dev)
-             if cfg.objective == "vdu" else None)
-    timings["prior"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    profile = (workers.broadcast(_error_profile(backend, latents, cond, cfg.seed).to(dev))
-               if cfg.objective == "vdu" else None)
-    timings["profile"] = time.perf_counter() - t0
-    if cfg.objective == "vdu" and cfg.replay > 0:
-        t0 = time.perf_counter()
-        extra["replay"] = _replay_pool(backend, images(), cfg.seed, amp)
-        timings["replay"] = time.perf_counter() - t0
-
+def _optimise(run: Run, objective, progress, should_stop) -> List[Dict[str, float]]:
+    """The training loop: every process draws the same batch, trains on its slice in passes,
+    the gradients are summed, AdamW steps. Stops on `should_stop`, or when the objective says so."""
+    cfg, dev, workers = run.cfg, run.backend.device, run.workers
     g = torch.Generator().manual_seed(cfg.seed)
-    T = backend.schedule.num_train_timesteps
-    t_lo, t_hi = int(cfg.t_min * (T - 1)), max(int(cfg.t_max * (T - 1)), int(cfg.t_min * (T - 1)) + 1)
-    params = list(network.parameters())
+    params = list(run.network.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    step_terms = Terms(backend, cfg, network, prior, profile, extra, amp, len(latents))
+    scaler = torch.amp.GradScaler(dev.type, enabled=run.amp == torch.float16)
+    names = ("loss",) + objective.reported
     mine = split(cfg.batch_size, workers.world)[workers.rank]
-    history, bounded_ema, n = [], 0.0, len(latents)
+    history, ema = [], {}
     t0 = time.perf_counter()
-    with network.attached(), _memory_savers(backend, cfg):
+    with run.network.attached(), _memory_savers(run.backend, cfg):
         for step in range(cfg.steps):
-            # The whole step's batch is drawn on every process; each trains on its slice.
-            idx = torch.randperm(n, generator=g)[:cfg.batch_size] if n > cfg.batch_size else \
-                torch.randint(0, n, (cfg.batch_size,), generator=g)
-            t = torch.randint(t_lo, t_hi + 1, (len(idx),), generator=g).to(dev)
-            x0 = latents[idx].to(dev, backend.dtype)
-            eps = torch.randn(x0.shape, generator=g).to(x0)
-            network.train()
-            network.resample()
+            batch = objective.draw(g)
+            run.network.train()
+            run.network.resample()
             opt.zero_grad(set_to_none=True)
-            stats = torch.zeros(len(Terms.NAMES) + 1, device=dev)  # the loss, then the terms
-            replay = step_terms.draw_replay()
+            stats = torch.zeros(len(names), device=dev)
             for part in _passes(mine, cfg.micro_batch_size):
-                c = (backend.encode_text([captions[i] for i in idx[part]]) if cfg.train_text_encoder
-                     else cond_index(cond, idx[part].to(dev)))
-                loss, terms = step_terms(x0[part], eps[part], t[part], c,
-                                         None if replay is None else replay[step_terms.replay_rows(part)])
+                loss, terms = objective.loss(batch, part)
                 share = (part.stop - part.start) / cfg.batch_size  # passes add up to the batch mean
                 scaler.scale(loss * share).backward()
-                stats += share * torch.stack([loss.detach().float(), *terms])
+                stats += share * torch.stack([loss.detach().float()] + [terms[k].float() for k in objective.reported])
             stats = workers.sum_gradients(params, stats).tolist()  # the one host sync of a step
             if not math.isfinite(stats[0]):
                 raise VDUError(f"the loss became {stats[0]} at step {step + 1}; lower --lr or raise --gamma")
             scaler.step(opt)
             scaler.update()
-            terms = dict(zip(("loss",) + Terms.NAMES, stats))
-            bounded_ema = terms["bounded"] if step == 0 else 0.9 * bounded_ema + 0.1 * terms["bounded"]
-            terms = {k: (bounded_ema if k == "bounded" else v) for k, v in terms.items()
-                     if k in Terms.REPORTED[cfg.objective]}
-            history.append({"step": step + 1, **terms})
+            terms = dict(zip(names, stats))
+            ema = terms if step == 0 else {k: 0.9 * ema[k] + 0.1 * v for k, v in terms.items()}
+            history.append({"step": step + 1, **{k: (ema[k] if k == "bounded" else v) for k, v in terms.items()}})
             if progress and workers.is_main:
-                progress(step + 1, cfg.steps, terms)
+                progress(step + 1, cfg.steps, history[-1])
             if should_stop is not None and workers.main_says(should_stop() if workers.is_main else False):
                 break
-            if profile is not None and cfg.stop_when_bounded > 0 and step >= 10 and bounded_ema >= cfg.stop_when_bounded:
+            if step >= 10 and objective.should_stop(ema):
                 break
-    network.eval()
-    network.forget_sample()
-    timings["train"] = time.perf_counter() - t0
-    return UnlearnResult(network.kohya_state_dict(), _metadata(backend, cfg, len(latents), len(history), targets),
-                         history, timings, network)
+    run.timings["train"] = time.perf_counter() - t0
+    return history
 
 
-class Terms:
-    """One forward/backward pass of the chosen objective on a slice of the batch: its loss and
-    the statistics the progress bar shows (each a 0-dim tensor, summed over passes)."""
+def _closed_form(run: Run) -> UnlearnResult:
+    """UCE: a closed-form edit, no training loop (uce.py)."""
+    from .uce import uce_edit, uce_targets
+    cfg, t0 = run.cfg, time.perf_counter()
+    targets = uce_targets(run.backend.targets())
+    erase = sorted({c for v in run.variants for i in v for c in [run.all_captions[i]]})
+    anchors = [run.destination_prompt(run.all_captions.index(c)) for c in erase]
+    preserve = run.image_prompts if not cfg.fisher_prompts else list(cfg.fisher_prompts)
+    result = uce_edit(run.backend, targets, erase, anchors, preserve, cfg.rank, cfg.alpha,
+                      preserve_scale=cfg.uce_preserve, lamb=cfg.uce_lambda, seed=cfg.seed)
+    run.targets = targets
+    run.timings["train"] = time.perf_counter() - t0
+    worst = max(result.truncation_error.values(), default=0.0)
+    meta = {**_metadata(run, 0), "vdu_uce_truncation_error_max": f"{worst:.4g}"}
+    return UnlearnResult(result.network.kohya_state_dict(), meta, [], run.timings, result.network)
 
-    NAMES = ("stability", "forget_error", "bounded")
-    REPORTED = {"vdu": ("loss", "stability", "forget_error", "bounded"),
-                "gradient_ascent": ("loss", "forget_error"), "esd": ("loss",), "score_align": ("loss",)}
-
-    def __init__(self, backend, cfg, network, prior, profile, extra, amp, n_forget):
-        self.b, self.cfg, self.network, self.prior, self.profile = backend, cfg, network, prior, profile
-        self.extra, self.amp, self.n_forget = extra, amp, n_forget
-        self.n_replay = cfg.replay_batch or cfg.batch_size
-        self.rg = torch.Generator().manual_seed(cfg.seed + 3)  # the replay draws
-
-    def draw_replay(self) -> Optional[torch.Tensor]:
-        """A step's replay rows of the pool, drawn once per step so that micro-batches and
-        processes split the same draw."""
-        if "replay" not in self.extra:
-            return None
-        return torch.randint(0, REPLAY_POOL, (self.n_replay,), generator=self.rg)
-
-    def replay_rows(self, part: slice) -> slice:
-        """The replay rows that go with a slice of the forget batch: the same share of them."""
-        scale = self.n_replay / self.cfg.batch_size
-        return slice(round(part.start * scale), round(part.stop * scale))
-
-    def _denoise(self, x_t, t, c):
-        return _denoise(self.b, self.amp, x_t, t, c)
-
-    def __call__(self, x0, eps, t, c, replay=None):
-        b, cfg = self.b, self.cfg
-        zero = torch.zeros((), device=x0.device)
-        x_t = b.schedule.add_noise(x0, eps, t)
-        drift = zero
-        if replay is not None and len(replay):  # the replay rows ride in the same forward pass
-            pool = self.extra["replay"]
-            rows = replay.to(pool["row"].device)
-            pred, pred_r = self._denoise(torch.cat([x_t, pool["x_t"][rows]]), torch.cat([t, pool["t"][rows]]),
-                                         cond_cat([c, cond_index(pool["cond"], pool["row"][rows])])
-                                         ).split([len(x0), len(rows)])
-            # E‖ε_θ(x'_t, t, c') − ε_θ*(x'_t, t, c')‖² on the model's own images for the Fisher
-            # prompts: the Laplace prior's quadratic form with the full Gauss–Newton matrix,
-            # estimated by samples, where the diagonal Fisher keeps only its diagonal. Summed over
-            # the pass's rows and divided by its share of the batch: passes add up to the mean.
-            drift = denoising_error(pred_r, pool["ref"][rows]).sum() * cfg.batch_size / (len(x0) * self.n_replay)
-        else:
-            pred = self._denoise(x_t, t, c)
-        if cfg.objective in ("vdu", "gradient_ascent"):
-            err = denoising_error(pred, b.schedule.target(x0, eps, t))
-            if cfg.objective == "gradient_ascent":
-                return gradient_ascent_loss(err), (zero, err.mean().detach(), zero)
-            T = b.schedule.num_train_timesteps
-            bound = cfg.bound * self.profile[(t * N_BOUND_BUCKETS // T).clamp(max=N_BOUND_BUCKETS - 1)]
-            stability = self.prior(self.network.layers, self.network.current_factors())
-            stability = stability + cfg.replay * self.n_forget * drift
-            loss = vdu_loss(stability, err, bound, cfg.gamma, self.n_forget)
-            if cfg.variational:
-                loss = loss - cfg.gamma * self.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
-            return loss, (stability.detach(), err.mean().detach(), (err >= bound).float().mean())
-        with torch.no_grad(), self.network.disabled():
-            if cfg.objective == "esd":
-                u = self.extra["uncond"]
-                f_c, f_u = self._denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                         {k: torch.cat([c[k], u[k].expand_as(c[k])]) for k in c}).chunk(2)
-            else:
-                f_a = self._denoise(x_t, t, {k: self.extra["anchor"][k].expand_as(c[k]) for k in c})
-        loss = esd_loss(pred, f_c, f_u, cfg.esd_eta) if cfg.objective == "esd" else score_align_loss(pred, f_a)
-        return loss, (zero, zero, zero)
-
-
-def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:
+def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
     """kohya's ss_* keys (so other tools recognise the file) plus the run's vdu_* settings."""
+    backend, cfg, n_images, targets = run.backend, run.cfg, run.n_forget, run.targets
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
@@ -404,6 +399,10 @@ def _metadata(backend, cfg, n_images, steps_done, targets) -> Dict[str, str]:
         "vdu_replay": str(cfg.replay),
         "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
         "vdu_keep": ", ".join(cfg.keep),
+        "vdu_destination": str(cfg.destination),
+        "vdu_plasticity": str(cfg.plasticity),
+        "vdu_synonyms_found": ", ".join(run.vicinity.synonyms),
+        "vdu_neighbours_held": ", ".join(run.vicinity.neighbours),
         "vdu_layers": cfg.layers,
         "vdu_lr": str(cfg.lr),
         "vdu_variational": str(cfg.variational).lower(),

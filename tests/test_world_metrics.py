@@ -1,0 +1,88 @@
+"""The mini world's blank, noise and content-kept metrics, on rendered images with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import world_eval
+from benchmarks.world_eval import Cell, content_kept, is_blank, is_noise
+from miniworld import EVALUATOR_DIR, MODEL_DIR, dataset
+from miniworld.evaluator import Evaluator, classify_colour
+
+
+def _render(shape, colour, background="grey", seed=0):
+    img = dataset.render(shape, colour, "large", background, np.random.default_rng(seed))
+    return torch.from_numpy(img).permute(2, 0, 1)
+
+
+def _backgrounds(n, seed=0):
+    """Shapeless backgrounds made as `dataset.render` makes them: a grey of jittered brightness
+    with grey texture."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        grey = list(dataset.BACKGROUNDS.values())[i % len(dataset.BACKGROUNDS)] + rng.uniform(-0.05, 0.05)
+        out.append(np.clip(grey + rng.normal(0, 0.015, (1, 32, 32)), 0, 1))
+    return torch.from_numpy(np.stack(out)).float().expand(-1, 3, -1, -1)
+
+
+def _noise(n):
+    return torch.rand((n, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _desaturated(shape, colour, background):
+    """A grey shape: a rendered one with each pixel's colour replaced by its channels' mean."""
+    return _render(shape, colour, background).mean(0, keepdim=True).expand(3, -1, -1)
+
+
+def test_every_dataset_image_has_a_shape_and_no_noise():
+    x = dataset.to_tensor(dataset.generate(600, seed=21))
+    assert not any(is_blank(x)) and not any(is_noise(x))
+
+
+def test_backgrounds_are_blank_and_uniform_noise_is_noise():
+    flat = torch.stack([torch.full((3, 32, 32), v) for v in (0.0, 0.5, 1.0)])
+    textured = _backgrounds(30)
+    assert all(is_blank(flat)) and all(is_blank(textured))
+    assert not any(is_noise(flat)) and not any(is_noise(textured))
+    noise = _noise(30)
+    assert all(is_noise(noise)) and not any(is_blank(noise))
+
+
+def test_a_grey_shape_is_not_blank_though_it_has_no_colour():
+    grey = torch.stack([_desaturated("circle", "red", "black"), _desaturated("square", "blue", "white")])
+    assert classify_colour(grey) == ["none", "none"]
+    assert is_blank(grey) == [False, False] and is_noise(grey) == [False, False]
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator(EVALUATOR_DIR)
+
+
+def test_content_kept_of_a_colour_is_the_shape_drawn(evaluator):
+    # every image answers "a large red circle on a grey background"
+    images = torch.stack([_render("circle", "blue"), _render("circle", "red"), _render("square", "blue"),
+                          _backgrounds(1)[0], _noise(1)[0]])
+    cells = [Cell(dataset.prompt("circle", "red"), "circle", "red")] * len(images)
+    assert content_kept("red", images, cells, evaluator) == [True, True, False, False, False]
+
+
+def test_content_kept_of_a_shape_is_the_colour_drawn(evaluator):
+    # every image answers "a large red circle on a grey background"
+    images = torch.stack([_render("square", "red"), _render("circle", "red"), _render("square", "blue"),
+                          _desaturated("circle", "red", "black"), _backgrounds(1)[0], _noise(1)[0]])
+    cells = [Cell(dataset.prompt("circle", "red"), "circle", "red")] * len(images)
+    assert content_kept("circle", images, cells, evaluator) == [True, True, False, False, False, False]
+
+
+def test_evaluate_reports_content_blank_and_noise_shares(evaluator):
+    from vdu_engine import DiffusersBackend
+    metrics = world_eval.evaluate(DiffusersBackend.load(MODEL_DIR, device="cpu"), evaluator, "red", 4)["metrics"]
+    sets = ("", "synonym_", "neighbour_", "retain_")
+    assert set(metrics) == {"forget_rate", "synonym_forget_rate", "content_kept", "synonym_content_kept",
+                            "neighbour_acc", "retain_acc", *(f"{s}{k}" for s in sets
+                                                             for k in ("blank_share", "noise_share"))}
+    # the model as trained draws a shape for every prompt
+    assert all(metrics[f"{s}{k}"] == 0 for s in sets for k in ("blank_share", "noise_share"))
+    assert 0 <= metrics["content_kept"] <= 1

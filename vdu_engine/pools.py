@@ -1,0 +1,101 @@
+"""Pools of noisy latents made once before training, with the frozen model's predictions on them.
+
+A training step then draws rows of a pool instead of running the frozen model itself: the
+targets of ESD, score alignment and VDU's destination, and VDU's replayed predictions, each cost
+one no-grad pass over the pool per run rather than one per step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Union
+
+import torch
+
+from .backend import cond_index
+
+FORGET_POOL = 256  # noisy forget latents (16 per image for 16 images; a 200-step run draws 800 rows)
+REPLAY_POOL = 128  # noisy latents of the model's own images for the preservation prompts
+PASS = 8  # images per no-grad forward while a pool is made: less memory than a training step
+N_BOUND_BUCKETS = 10
+
+
+class PredictionPool:
+    def __init__(self, x_t, t, caption, target=None, ref=None, cond=None, buckets=N_BOUND_BUCKETS, T=1000):
+        self.x_t, self.t, self.caption = x_t, t, caption  # caption: row → index of its conditioning
+        self.target, self.ref, self.cond = target, ref, cond
+        self._buckets, self._T = buckets, T
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, len(self), (n,), generator=g)
+
+    def bucket(self, rows) -> torch.Tensor:
+        """The bound profile's timestep bucket of each row."""
+        return (self.t[rows] * self._buckets // self._T).clamp(max=self._buckets - 1)
+
+    @classmethod
+    @torch.no_grad()
+    def of_forget_set(cls, run) -> "PredictionPool":
+        """FORGET_POOL noisy versions of the forget latents, at timesteps of the trained range, each
+        with one of its image's captions (the caption itself, or a synonym's version of it)."""
+        b, cfg = run.backend, run.cfg
+        g = torch.Generator().manual_seed(cfg.seed + 11)
+        T = b.schedule.num_train_timesteps
+        lo, hi = run.t_range
+        image = torch.arange(FORGET_POOL) % len(run.latents)
+        image = image[torch.randperm(FORGET_POOL, generator=g)]
+        caption = torch.tensor([run.variants[i][int(torch.randint(0, len(run.variants[i]), (1,), generator=g))]
+                                for i in image.tolist()])
+        t = torch.randint(lo, hi + 1, (FORGET_POOL,), generator=g)
+        x0 = run.latents[image].to(b.device, b.dtype)
+        eps = torch.randn(x0.shape, generator=g).to(x0)
+        t = t.to(b.device)
+        return cls(b.schedule.add_noise(x0, eps, t), t, caption.to(b.device), target=b.schedule.target(x0, eps, t),
+                   T=T)
+
+    def frozen(self, run, prompt_of: Callable[[int], Union[str, List[str]]]) -> torch.Tensor:
+        """ε* on every row for the prompt `prompt_of(caption index)` gives; the mean of ε* over the
+        prompts when it gives several."""
+        def listed(i):
+            p = prompt_of(i)
+            return [p] if isinstance(p, str) else list(p)
+        per_row = [listed(i) for i in self.caption.tolist()]
+        width = max(len(p) for p in per_row)
+        if any(len(p) != width for p in per_row):
+            raise ValueError("every row needs the same number of destination prompts")
+        prompts = sorted({q for p in per_row for q in p})
+        with torch.no_grad():
+            cond = run.backend.encode_text(prompts)
+        total = 0
+        for k in range(width):
+            index = torch.tensor([prompts.index(p[k]) for p in per_row], device=self.t.device)
+            total = total + self._predict(run, cond, index)
+        return total / width
+
+    def frozen_named(self, run) -> torch.Tensor:
+        """ε* on every row for its own caption."""
+        return self._predict(run, run.cond, self.caption)
+
+    @torch.no_grad()
+    def _predict(self, run, cond, index) -> torch.Tensor:
+        with run.network.disabled():
+            return torch.cat([run.denoise(self.x_t[s], self.t[s], cond_index(cond, index[s])).float()
+                              for s in (slice(a, a + PASS) for a in range(0, len(self), PASS))])
+
+    @classmethod
+    @torch.no_grad()
+    def of_own_images(cls, run) -> "PredictionPool":
+        """REPLAY_POOL noisy versions of the images the model generates for the preservation
+        prompts, over the whole schedule, with the frozen model's predictions on them."""
+        b = run.backend
+        lat, cond = run.images()
+        g = torch.Generator().manual_seed(run.cfg.seed + 3)
+        row = torch.arange(REPLAY_POOL) % len(lat)
+        t = torch.randint(0, b.schedule.num_train_timesteps, (REPLAY_POOL,), generator=g).to(b.device)
+        x0 = lat[row].to(b.device, b.dtype)
+        pool = cls(b.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t), t, row.to(b.device),
+                   cond=cond)
+        pool.ref = pool._predict(run, cond, pool.caption)
+        return pool
