@@ -1,5 +1,5 @@
-"""`make demo`: forget "red" from the bundled mini model with VDU, from 16 images of it, keeping
-its neighbour "orange" (named as a concept to keep: without it, forgetting red shifts every hue a step).
+"""`make demo`: forget "red" from the bundled mini model with VDU, from 16 images of it, every
+setting at its default: nothing named to keep (the run finds red's synonyms and neighbours itself).
 
 Writes the LoRA and a before/after grid, and prints forget rate and retain accuracy before and
 after (measured by the world's evaluator on samples with fixed seeds).
@@ -19,7 +19,7 @@ from miniworld.evaluator import Evaluator
 from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
 from vdu_engine.grid import to_pil_grid
 
-CONCEPT, KEEP = "red", ["orange"]
+CONCEPT = "red"
 
 
 def main(argv=None):
@@ -33,12 +33,14 @@ def main(argv=None):
     backend = DiffusersBackend.load(MODEL_DIR, device="cpu")
     evaluator = Evaluator(EVALUATOR_DIR)
     forget = world_eval.forget_images(CONCEPT, 16)
-    print(f"forgetting {CONCEPT!r} from {MODEL_DIR.name} with VDU, from {len(forget)} images of it, keeping {KEEP}")
+    print(f"forgetting {CONCEPT!r} from {MODEL_DIR.name} with VDU, from {len(forget)} images of it")
 
     t0 = time.time()
-    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, keep=KEEP, steps=args.steps, cache_dir=str(out / "cache")), forget,
+    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, steps=args.steps, cache_dir=str(out / "cache")), forget,
                      progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="", flush=True))
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")
+    print(f"  synonyms found and forgotten: {result.metadata['vdu_synonyms_found'] or 'none'}")
+    print(f"  neighbours found and held: {result.metadata['vdu_neighbours_held'] or 'none'}")
     lora = result.save(out / f"forget-{CONCEPT}.safetensors", overwrite=True)
     print(f"  wrote {lora}")
 
@@ -46,6 +48,7 @@ def main(argv=None):
     after = world_eval.evaluate(backend, evaluator, CONCEPT, args.samples, network=result.network)
     print(f"\n{'':22}{'before':>10}{'after':>10}")
     for key, label in (("forget_rate", "forget rate (red)"), ("synonym_forget_rate", "forget rate (crimson…)"),
+                       ("content_kept", "red prompts: shape kept"),
                        ("neighbour_acc", "orange accuracy"), ("retain_acc", "retain accuracy")):
         print(f"{label:22}{before['metrics'][key]:>10.1%}{after['metrics'][key]:>10.1%}")
 

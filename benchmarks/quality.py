@@ -102,8 +102,11 @@ def runs(concept: str, sizes, keep_row: bool):
         out.append((f"vdu ({mid} images, keep {', '.join(near)})", "vdu", mid, {"keep": near}, None))
     for objective, n_images, label in (("gradient_ascent", mid, f"{mid} images"), ("esd", None, "prompt"),
                                        ("score_align", None, "prompt")):
+        # ESD-x and SFD adapt every cross-attention projection; their papers' choice, not ours
+        layers = {} if objective == "gradient_ascent" else {"layers": "cross_attention"}
         for g in BASELINE_GRID:
-            out.append((f"{objective} ({label}, lr {g['lr']:g}, {g['steps']} steps)", objective, n_images, g, objective))
+            name = f"{objective} ({label}, lr {g['lr']:g}, {g['steps']} steps)"
+            out.append((name, objective, n_images, {**g, **layers}, objective))
     out.append((f"uce ({mid} images' captions)", "uce", mid, {}, None))
     return out
 

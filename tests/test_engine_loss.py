@@ -43,10 +43,15 @@ def test_vdu_loss_matches_hand_computation(tiny_sd1):
     torch.testing.assert_close(err, hand_err)
 
     bound = torch.tensor([10.0, 10.0, 0.5])  # the third sample is capped
-    loss = vdu_loss(stability, err, bound, gamma, n_forget)
+    dest = torch.tensor([0.3, 0.1, 0.2])
+    loss = vdu_loss(stability, err, bound, dest, gamma, n_forget, plasticity=0.7)
     capped = torch.stack([min(e, c) for e, c in zip(hand_err, bound)])
-    hand = gamma * hand_stab - (1 - gamma) * n_forget * capped.mean()
+    hand = gamma * hand_stab + (1 - gamma) * n_forget * (dest - 0.7 * capped).mean()
     torch.testing.assert_close(loss, hand, rtol=1e-4, atol=1e-6)
+    # without a destination and at plasticity 1 it is the paper's objective
+    paper = gamma * hand_stab - (1 - gamma) * n_forget * capped.mean()
+    torch.testing.assert_close(vdu_loss(stability, err, bound, torch.zeros(3), gamma, n_forget, 1.0), paper,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_esd_and_score_align_targets():
@@ -105,42 +110,71 @@ def test_ensemble_prior_uses_mean_and_variance(tiny_sd1):
     torch.testing.assert_close(prior(net.layers, factors), hand, rtol=1e-4, atol=1e-4)
 
 
+def _vdu_run(b, **kw):
+    from vdu_engine import ForgetSet
+    from vdu_engine.config import UnlearnConfig
+    from vdu_engine.train import Run
+    cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, fisher_samples=3,
+                        sample_steps=2, **kw).validate()
+    forget = ForgetSet.from_tensor(torch.rand(3, 3, 64, 64), ["a red circle", "a small red square", "red"],
+                                   channels_last=False)
+    return Run(b, cfg, forget).setup(forget)
+
+
 def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_sd1):
     """The function-space stability term, by hand: the pool holds the frozen model's predictions
     on noisy versions of the model's own images; the replay rows that ride in a step's forward
     pass add replay · N · E‖ε_θ − ε_θ*‖² to the stability term, split over passes by their share
     of the batch, and nothing while the deltas are zero."""
     from vdu_engine.backend import cond_index
-    from vdu_engine.config import UnlearnConfig
-    from vdu_engine.train import Terms, _replay_pool
+    from vdu_engine.objectives import VDU
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
-    targets, net = _network(b, "cross_attention")
-    lat = torch.randn(3, 4, 8, 8)
-    cond = b.encode_text(["a blue square", "", "a small circle"])
-    pool = _replay_pool(b, (lat, cond), 0, None)
-    assert set(pool["row"].tolist()) == {0, 1, 2}
+    run = _vdu_run(b, replay_batch=4, replay=10.0, gamma=0.5)
+    obj = VDU(run)
+    pool = obj.replay
+    lat, cond = run.images()
+    assert set(pool.caption.tolist()) == {0, 1, 2}
     with torch.no_grad():
-        torch.testing.assert_close(pool["ref"][:8], b.denoise(pool["x_t"][:8], pool["t"][:8],
-                                                              cond_index(cond, pool["row"][:8])))
-    cfg = UnlearnConfig(concept="red", batch_size=2, replay_batch=5, replay=10.0, gamma=0.5).validate()
-    terms = Terms(b, cfg, net, isotropic_prior(10.0), torch.ones(10), {"replay": pool}, None, 3)
-    rows = terms.draw_replay()
-    assert rows.shape == (5,)
-    torch.manual_seed(0)
-    x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
-    c = b.encode_text(["a red circle"] * 2)
-    with net.attached(), torch.no_grad():
-        with_replay, _ = terms(x0, eps, t, c, rows)
-        without, _ = terms(x0, eps, t, c, None)
-        halves = [terms(x0[s], eps[s], t[s], cond_index(c, s), rows[terms.replay_rows(s)])[0] -
-                  terms(x0[s], eps[s], t[s], cond_index(c, s), None)[0] for s in (slice(0, 1), slice(1, 2))]
-        adapted = b.denoise(pool["x_t"][rows], pool["t"][rows], cond_index(cond, pool["row"][rows]))
-    hand = ((adapted - pool["ref"][rows]) ** 2).flatten(1).mean(1).mean()
+        direct = b.denoise(pool.x_t[:8], pool.t[:8], cond_index(cond, pool.caption[:8]))
+        torch.testing.assert_close(pool.ref[:8], direct)
+    with torch.no_grad():
+        for layer in run.network.layers.values():
+            layer.up.normal_(0, 0.1)
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    assert batch["replay"].shape == (4,)
+    whole = slice(0, 2)
+
+    def loss(part):
+        with run.network.attached(), torch.no_grad():
+            return obj.loss(batch, part)[0]
+    with_replay = loss(whole)
+    obj.replay = None
+    without, halves_without = loss(whole), [loss(s) for s in (slice(0, 1), slice(1, 2))]
+    obj.replay = pool
+    halves = [loss(s) - w for s, w in zip((slice(0, 1), slice(1, 2)), halves_without)]
+    rows = batch["replay"]
+    with run.network.attached(), torch.no_grad():
+        adapted = b.denoise(pool.x_t[rows], pool.t[rows], cond_index(cond, pool.caption[rows]))
+    hand = ((adapted - pool.ref[rows]) ** 2).flatten(1).mean(1).mean()
     assert hand > 0
     torch.testing.assert_close(with_replay - without, 0.5 * 10.0 * 3 * hand, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sum(h / 2 for h in halves), with_replay - without, rtol=1e-4, atol=1e-6)
+
+
+def test_destination_is_the_frozen_caption_without_the_concept_guided_away_from_it(tiny_sd1):
+    """ε_dest = ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)) with c⁻ the caption without the concept,
+    against the frozen model evaluated by hand on the pool's rows; a caption that does not name the
+    concept ("red" alone) goes to the unconditional prompt."""
+    from vdu_engine.objectives import VDU
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    run = _vdu_run(b, destination=1.0, anchor_guidance=2.0, replay=0.0)
+    assert [run.destination_prompt(i) for i in range(3)] == ["a circle", "a small square", ""]
+    obj = VDU(run)
+    rows = torch.arange(6)
+    caps = [run.all_captions[i] for i in obj.pool.caption[rows].tolist()]
     with torch.no_grad():
-        for layer in net.layers.values():
-            layer.up.zero_()
-    with net.attached(), torch.no_grad():
-        torch.testing.assert_close(terms(x0, eps, t, c, rows)[0], terms(x0, eps, t, c, None)[0])
+        x_t, t = obj.pool.x_t[rows], obj.pool.t[rows]
+        named = b.denoise(x_t, t, b.encode_text(caps))
+        removed = b.denoise(x_t, t, b.encode_text([{"a red circle": "a circle", "a small red square": "a small square",
+                                                    "red": ""}[c] for c in caps]))
+    torch.testing.assert_close(obj.goal[rows], removed - 2.0 * (named - removed), rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ class UnlearnConfig:
     steps: int = 200  # optimisation steps
     rank: int = 4  # LoRA rank
     alpha: float = 4.0  # LoRA alpha (scale = alpha / rank)
-    lr: float = 1e-3  # AdamW learning rate of the LoRA factors
+    lr: float = 3e-3  # AdamW learning rate of the LoRA factors
     batch_size: int = 4  # forget images per step
     gamma: float = 0.5  # VDU weight of the stability regularizer (1 − gamma weighs the plasticity inducer)
     prior: str = "fisher"  # isotropic | fisher | ensemble: variance of the Gaussian prior over weights

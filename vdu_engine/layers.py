@@ -13,7 +13,10 @@ from .backend import AdaptTarget
 
 _ATTN_PROJ = r"\.(to_q|to_k|to_v|to_out\.0)$"
 PRESETS = {
-    # Only the layers that read the prompt: the narrowest edit (ESD-x's choice; the default).
+    # The cross-attention keys and values: they see only the prompt's token embeddings, so a delta
+    # there changes an image only through the words of its prompt (UCE's and SPEED's choice).
+    "cross_attention_kv": re.compile(r"\.attn2\.(to_k|to_v)$"),
+    # Every cross-attention projection (ESD-x's choice).
     "cross_attention": re.compile(r"\.attn2" + _ATTN_PROJ),
     # Self- and cross-attention projections.
     "attention": re.compile(r"\.attn[12]" + _ATTN_PROJ),
@@ -22,7 +25,7 @@ PRESETS = {
     # Every Linear and Conv2d of the UNet, resnets and samplers included (ESD-u-like).
     "all": re.compile(r".*"),
 }
-DEFAULT_PRESET = "cross_attention"  # chosen on the quality benchmark (README)
+DEFAULT_PRESET = "cross_attention_kv"  # chosen on the quality benchmark (docs/quality/tuning.md)
 
 
 def select_targets(targets: List[AdaptTarget], preset: str,

@@ -41,9 +41,9 @@ def without(caption: str, pattern: re.Pattern) -> str:
     return " ".join(pattern.sub(" ", caption).split())
 
 
-def nearest_words(backend: Backend, concept: str, k: int) -> List[str]:
+def nearest_words(backend: Backend, concept: str, k: int, exclude=()) -> List[str]:
     """The k whole words whose token embeddings lie nearest (cosine) to the concept's (the mean of
-    its tokens' embeddings); [] when the backend exposes no vocabulary."""
+    its tokens' embeddings), leaving out `exclude`; [] when the backend exposes no vocabulary."""
     vocab = backend.vocabulary()
     if vocab is None or not concept.strip():
         return []
@@ -54,7 +54,7 @@ def nearest_words(backend: Backend, concept: str, k: int) -> List[str]:
         return []
     table = torch.nn.functional.normalize(table.float(), dim=1)
     sims = table @ table[mine].mean(0)
-    own = set(concept.lower().split())
+    own = set(concept.lower().split()) | {w.lower() for w in exclude}
     ranked = [words[i] for i in sims.argsort(descending=True).tolist()]
     return [w for w in ranked if w not in own and _WORD.match(w) and len(w) > 2][:k]
 
@@ -78,6 +78,14 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).pow(2).flatten(1).mean(1).mean().item()
 
 
+def caption_words(captions: List[str], concept: str) -> set:
+    """The words that appear beside the concept in its own captions ("small", "circle", "grey" in
+    "a small red circle on a grey background"): they describe something else about the same image,
+    so they are not alternatives to the concept, and are no candidates."""
+    pattern = word_pattern([concept])
+    return {w.lower() for c in captions if pattern.search(c) for w in re.findall(r"[A-Za-z][A-Za-z\-]*", c)}
+
+
 def classify(backend: Backend, latents: torch.Tensor, captions: List[str], concept: str,
              candidates: List[str], seed: int, n: int = 16) -> Vicinity:
     """Split `candidates` by the frozen model's predictions on n noisy forget latents: for each
@@ -95,7 +103,8 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
     x_t = backend.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t)
     named = [c for _, c in pick]
     named_pred = _predict(backend, x_t, t, backend.encode_text(named))
-    removed = _distance(named_pred, _predict(backend, x_t, t, backend.encode_text([without(c, pattern) for c in named])))
+    removed_cond = backend.encode_text([without(c, pattern) for c in named])
+    removed = _distance(named_pred, _predict(backend, x_t, t, removed_cond))
     out = Vicinity()
     for w in candidates:
         swapped = _predict(backend, x_t, t, backend.encode_text([pattern.sub(w, c) for c in named]))

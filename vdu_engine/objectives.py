@@ -194,7 +194,8 @@ class VDU(Objective):
         if pred_r is not None:
             # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖², summed over this pass's rows and divided by its
             # share of the batch, so that passes add up to the step's mean.
-            drift = denoising_error(pred_r, self.replay.ref[replay]).sum() * cfg.batch_size / (len(rows) * self.n_replay)
+            share = cfg.batch_size / (len(rows) * self.n_replay)
+            drift = denoising_error(pred_r, self.replay.ref[replay]).sum() * share
             stability = stability + cfg.replay * n * drift
         loss = vdu_loss(stability, err, bound, dest, cfg.gamma, n, cfg.plasticity)
         if cfg.variational:
@@ -205,7 +206,8 @@ class VDU(Objective):
 
     def should_stop(self, ema):
         cfg = self.run.cfg
-        return self.profile is not None and cfg.stop_when_bounded > 0 and ema.get("bounded", 0.0) >= cfg.stop_when_bounded
+        bounded = ema.get("bounded", 0.0)
+        return self.profile is not None and cfg.stop_when_bounded > 0 and bounded >= cfg.stop_when_bounded
 
 
 REGISTRY = {"vdu": VDU, "esd": ESD, "score_align": ScoreAlign, "gradient_ascent": GradientAscent}

@@ -31,7 +31,7 @@ from .errors import VDUError
 from .layers import select_targets
 from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
-from .neighbours import Vicinity, classify, nearest_words, without, word_pattern
+from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
 from .objectives import REGISTRY, denoising_error
 from .pools import N_BOUND_BUCKETS
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
@@ -212,8 +212,8 @@ class Run:
         cfg = self.cfg
         if cfg.objective != "vdu" or cfg.neighbours <= 0 or not cfg.concept.strip():
             return Vicinity()
-        kept = {k.strip().lower() for k in cfg.keep}
-        candidates = [w for w in nearest_words(self.backend, cfg.concept.strip(), cfg.neighbours) if w not in kept]
+        exclude = {k.strip().lower() for k in cfg.keep} | caption_words(self.captions, cfg.concept.strip())
+        candidates = nearest_words(self.backend, cfg.concept.strip(), cfg.neighbours, exclude)
         with torch.no_grad():
             return classify(self.backend, self.latents, self.captions, cfg.concept.strip(), candidates, cfg.seed)
 
@@ -222,7 +222,8 @@ class Run:
         concept = word_pattern([self.cfg.concept]) if self.cfg.concept.strip() else None
         self.all_captions, self.variants = [], []
         for c in self.captions:
-            versions = [c] + ([concept.sub(s, c) for s in self.vicinity.synonyms] if concept and concept.search(c) else [])
+            named = concept is not None and concept.search(c)
+            versions = [c] + ([concept.sub(s, c) for s in self.vicinity.synonyms] if named else [])
             self.variants.append([self._caption_index(v) for v in versions])
         self.cond = _encode_unique(self.backend, self.all_captions)
         self.concept_words = word_pattern([self.cfg.concept, *self.vicinity.synonyms]) if concept else None

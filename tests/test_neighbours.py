@@ -1,0 +1,56 @@
+"""Finding the concept's synonyms and neighbours, against hand computations on a model whose
+prediction is a known function of the prompt."""
+
+import torch
+
+from vdu_engine.backend import NoiseSchedule
+from vdu_engine.neighbours import SYNONYM_RATIO, classify, nearest_words, without, word_pattern
+from vdu_engine.train import fisher_prompts
+from vdu_engine.config import UnlearnConfig
+
+WORDS = {"red": [1.0, 0.0, 0.0], "crimson": [0.98, 0.05, 0.0], "orange": [0.7, 0.7, 0.0],
+         "blue": [0.0, 0.0, 1.0], "circle": [0.0, 1.0, 0.0], "a": [0.1, 0.1, 0.1]}
+
+
+class PromptModel:
+    """ε(x_t, t, c) = the sum of the prompt's word vectors, broadcast over the latent: distances
+    between predictions are distances between those sums, which a test can compute by hand."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+    schedule = NoiseSchedule(torch.linspace(0.99, 0.01, 1000), "epsilon")
+
+    def encode_text(self, prompts):
+        return {"context": torch.stack([sum((torch.tensor(WORDS[w]) for w in p.split()), torch.zeros(3))
+                                        for p in prompts])}
+
+    def denoise(self, x_t, t, cond):
+        return cond["context"][:, :, None, None].expand(-1, 3, *x_t.shape[2:]) + 0 * x_t[:, :3]
+
+    def vocabulary(self):
+        return list(WORDS), torch.tensor(list(WORDS.values()))
+
+
+def test_nearest_words_rank_by_cosine_and_leave_out_the_concept():
+    got = nearest_words(PromptModel(), "red", 2)  # cosines: crimson 0.999, orange 0.707, a 0.577, the rest 0
+    assert got == ["crimson", "orange"]
+    assert "red" not in got and "a" not in got  # the concept itself and two-letter words are never candidates
+
+
+def test_classify_splits_by_the_ratio_to_removing_the_concept():
+    b = PromptModel()
+    captions = ["a red circle"] * 4
+    v = classify(b, torch.zeros(4, 3, 2, 2), captions, "red", ["crimson", "orange", "blue"], seed=0, n=4)
+    e = {w: torch.tensor(x) for w, x in WORDS.items()}
+    removed = (e["red"]).pow(2).mean()  # c − c⁻ = the concept's own vector
+    for w in ("crimson", "orange", "blue"):
+        hand = (e[w] - e["red"]).pow(2).mean() / removed
+        assert abs(v.ratios[w] - hand.item()) < 1e-5, w
+    assert v.synonyms == ["crimson"] and v.ratios["crimson"] < SYNONYM_RATIO
+    assert v.neighbours == ["orange", "blue"]
+
+
+def test_preservation_prompts_take_synonyms_out_and_neighbours_in():
+    caps = ["a red circle", "a crimson circle", "a blue square"]
+    got = fisher_prompts(UnlearnConfig(concept="red"), caps, neighbours=["orange"], synonyms=["crimson"])
+    assert got == ["", "a circle", "a orange circle"]
+    assert without("a Red circle", word_pattern(["red"])) == "a circle"
