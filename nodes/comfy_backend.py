@@ -19,7 +19,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..vdu_engine.backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint
+from ..vdu_engine.backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint, whole_word_vocabulary
 from ..vdu_engine.errors import VDUError
 from ..vdu_engine.memory import checkpoint_blocks
 
@@ -87,6 +87,18 @@ class ComfyBackend(Backend):
             cond["y"] = torch.cat([self.base.encode_adm(pooled_output=p, width=r, height=r, target_width=r,
                                                         target_height=r) for p in pooled]).float().to(self.device)
         return cond
+
+    def vocabulary(self):
+        """CLIP-L's whole-word tokens and their input embeddings, from ComfyUI's own CLIP objects
+        (`clip.tokenizer.clip_l.tokenizer` is a transformers CLIPTokenizer; the encoder's
+        `transformer.get_input_embeddings()` its token table). None where a text encoder is built
+        otherwise: the run then skips the search for synonyms and neighbours."""
+        try:
+            tok = self.clip.tokenizer.clip_l.tokenizer
+            table = self.clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+        except AttributeError:
+            return None
+        return whole_word_vocabulary(tok, table)
 
     def encode_images(self, pixels):
         x = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()  # ComfyUI IMAGE: BHWC in [0, 1]

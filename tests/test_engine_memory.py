@@ -29,21 +29,52 @@ def _lora(tiny_sd1, fast_config, **kw):
 
 def _assert_same_lora(a, b, rel=1e-3):
     """Equal up to rounding: Adam's first steps divide by √v, which magnifies float32 rounding
-    of tiny gradients to ~1e-4 of a factor's size; a wrong split of the batch moves it by O(1)."""
+    of tiny gradients; a wrong split of the batch moves the factors by O(1) of their size. The
+    tolerance is relative to the largest factor of each kind (up or down) over the whole network,
+    not to each tensor's own largest value: a layer whose factors barely moved (the mid-block's
+    value projection here) has near-zero gradients, whose rounding Adam turns into a large share
+    of that layer's tiny size without meaning a different learning."""
     assert a.keys() == b.keys()
     # the first step moves `up` away from zero: compare the learned deltas, not only the shapes
-    assert max(v.abs().max() for k, v in a.items() if k.endswith("lora_up.weight")) > 0
+    scale = {kind: max(v.abs().max().item() for k, v in a.items() if k.endswith(kind))
+             for kind in ("lora_up.weight", "lora_down.weight")}
+    assert scale["lora_up.weight"] > 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=rel * a[k].abs().max().item() + 1e-12, msg=k)
+        kind = next((s for s in scale if k.endswith(s)), None)
+        atol = rel * (scale[kind] if kind else a[k].abs().max().item()) + 1e-12
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def _first_gradients(monkeypatch, tiny_sd1, fast_config, **kw):
+    """The LoRA and the summed gradients of the run's first step (before Adam acts on them)."""
+    from vdu_engine import distributed
+    seen, original = [], distributed.Workers.sum_gradients
+
+    def recording(self, params, stats):
+        out = original(self, params, stats)
+        if not seen:
+            seen.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+        return out
+    monkeypatch.setattr(distributed.Workers, "sum_gradients", recording)
+    lora, b = _lora(tiny_sd1, fast_config, **kw)
+    return lora, seen[0], b
 
 
 @pytest.mark.parametrize("objective", ["vdu", "esd"])
-def test_micro_batches_and_checkpointing_learn_the_same_lora(objective, tiny_sd1, fast_config):
-    ref, _ = _lora(tiny_sd1, fast_config, objective=objective)
-    split, _ = _lora(tiny_sd1, fast_config, objective=objective, micro_batch_size=1)
-    ckpt, b = _lora(tiny_sd1, fast_config, objective=objective, gradient_checkpointing=True)
-    _assert_same_lora(ref, split)
-    _assert_same_lora(ref, ckpt)
+def test_micro_batches_and_checkpointing_learn_the_same_lora(objective, tiny_sd1, fast_config, monkeypatch):
+    """The first step's summed gradients agree to float32 rounding (1e-5 of the largest), which
+    is what "the same step" means; after 3 Adam steps the factors agree to 1e-2 of the network's
+    largest factor: Adam's division by √v turns the rounding of near-zero gradients into steps of
+    the full learning rate, so the factors cannot agree more tightly, while a wrong split of the
+    batch shows in the gradients already."""
+    ref, g_ref, _ = _first_gradients(monkeypatch, tiny_sd1, fast_config, objective=objective)
+    for option in (dict(micro_batch_size=1), dict(gradient_checkpointing=True)):
+        other, g_other, b = _first_gradients(monkeypatch, tiny_sd1, fast_config, objective=objective, **option)
+        top = max(g.abs().max().item() for g in g_ref)
+        assert top > 0
+        for x, y in zip(g_ref, g_other):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * top)
+        _assert_same_lora(ref, other, rel=1e-2)
     # the wrappers are gone: every block runs its class's own forward again
     assert all("forward" not in vars(m) for m in b.unet.modules())
 

@@ -48,7 +48,8 @@ def test_each_objective_lowers_its_own_target(objective, tiny_sd1, fast_config):
         for layer in result.network.layers.values():
             layer.up.zero_()  # ΔW = 0: the model as loaded
     before = _objective_value(b, objective, result.network, cfg, batch)
-    assert after < before - 1e-4, (objective, before.item(), after.item())
+    # a margin of 1e-4, or 5 % of the target where the target itself is smaller than that
+    assert after < before - min(1e-4, 0.05 * abs(before.item())), (objective, before.item(), after.item())
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2v", "sdxl"])

@@ -103,7 +103,10 @@ def test_one_quick_benchmark_cell(tmp_path):
     report = json.loads((tmp_path / "quality.json").read_text())
     assert report["training_seeds"] == 2 and report["baseline_seeds"] == 1
     rows = report["concepts"]["red"]
-    assert {"original", "vdu (8 images)", "vdu (8 images, keep orange)", "esd (prompt)", "score_align (prompt)"} <= set(rows)
+    assert {"original", "vdu (8 images)", "vdu (prompt)", "uce (8 images' captions)"} <= set(rows)
+    for baseline in ("gradient_ascent (8 images", "esd (prompt", "score_align (prompt"):  # each one's best grid row
+        assert sum(n.startswith(baseline) and n.endswith(f"(best of {len(quality.BASELINE_GRID)})") for n in rows) == 1
+        assert len([n for n in report["baseline_grids"]["red"][baseline.split()[0]]]) == len(quality.BASELINE_GRID)
     for r in rows.values():
         assert set(quality.KEYS) <= set(r) and 0 <= r["forget_rate"] <= 1
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
@@ -116,7 +119,9 @@ def test_demo_writes_its_lora_grid_and_numbers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "forget rate (red)" in out and "orange accuracy" in out
     with safe_open(str(tmp_path / "forget-red.safetensors"), "pt") as f:
-        assert f.metadata()["vdu_concept"] == "red" and f.metadata()["vdu_keep"] == "orange"
+        meta = f.metadata()
+        assert meta["vdu_concept"] == "red" and meta["vdu_keep"] == ""  # nothing named to keep
+        assert "orange" in meta["vdu_neighbours_held"].split(", ")  # found by the run itself
     assert (tmp_path / "before_after.png").exists()
 
 

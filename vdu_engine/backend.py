@@ -46,6 +46,17 @@ def weights_fingerprint(modules: Sequence[nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
+def whole_word_vocabulary(tokenizer, table: torch.Tensor):
+    """(words, rows of `table`) for a CLIP BPE tokenizer: the tokens that end a word ("red</w>")
+    are whole words when they are a single token, which is what the table holds one row for."""
+    words, rows = [], []
+    for token, i in tokenizer.get_vocab().items():
+        if token.endswith("</w>") and i < table.shape[0]:
+            words.append(token[:-4])
+            rows.append(i)
+    return words, table.detach()[torch.tensor(rows, device=table.device)].float().cpu()
+
+
 @dataclass
 class NoiseSchedule:
     """The DDPM forward process of the model and what its network predicts."""

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint
+from .backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint, whole_word_vocabulary
 from .errors import VDUError
 from .memory import checkpoint_blocks
 
@@ -142,16 +142,7 @@ class DiffusersBackend(Backend):
         return {"context": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids}
 
     def vocabulary(self):
-        """CLIP's BPE vocabulary: the tokens that end a word ("red</w>") are whole words when
-        they are a single token, which is what the embedding table holds one row for."""
-        tok, te = self.tokenizers[0], self.text_encoders[0]
-        words, rows = [], []
-        for token, i in tok.get_vocab().items():
-            if token.endswith("</w>"):
-                words.append(token[:-4])
-                rows.append(i)
-        table = te.get_input_embeddings().weight.detach()
-        return words, table[torch.tensor(rows, device=table.device)].float().cpu()
+        return whole_word_vocabulary(self.tokenizers[0], self.text_encoders[0].get_input_embeddings().weight)
 
     def targets(self) -> List[AdaptTarget]:
         out = []
