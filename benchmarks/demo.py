@@ -37,7 +37,8 @@ def main(argv=None):
 
     t0 = time.time()
     result = unlearn(backend, UnlearnConfig(concept=CONCEPT, steps=args.steps, cache_dir=str(out / "cache")), forget,
-                     progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="", flush=True))
+                     progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="",
+                                                        flush=True))
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")
     print(f"  synonyms found and forgotten: {result.metadata['vdu_synonyms_found'] or 'none'}")
     print(f"  neighbours found and held: {result.metadata['vdu_neighbours_held'] or 'none'}")

@@ -140,7 +140,8 @@ def main(argv=None):
                    help="skip the retrained reference (training it takes 25 min per concept with both cores free)")
     p.add_argument("--keep-row", action="store_true", help="add a VDU row with the neighbour named in --keep")
     p.add_argument("--cache", default=str(ROOT / "cache"))
-    p.add_argument("--fresh", action="store_true", help="measure the original and retrained models again, not from the cache")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure the original and retrained models again, not from the cache")
     args = p.parse_args(argv)
     t_run = time.time()
     out, cache = Path(args.out), Path(args.cache)

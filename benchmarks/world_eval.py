@@ -69,7 +69,8 @@ def expand(cells: List[Cell], n: int) -> List[Cell]:
 
 def sample_cells(backend, cells: List[Cell], seed: int, network=None, steps: Optional[int] = None) -> torch.Tensor:
     prompts = [c.prompt for c in cells]
-    kw = dict(steps=steps or STEPS, guidance=GUIDANCE, batch_size=64)  # cache-sized batches: faster than 256 on this CPU, same images (per-image seeds)
+    # cache-sized batches: faster than 256 on this CPU, and the same images (each has its own seed)
+    kw = dict(steps=steps or STEPS, guidance=GUIDANCE, batch_size=64)
     if network is None:
         return ddim_sample(backend, prompts, seed, **kw).cpu()  # measured on the CPU, where the evaluator is
     with network.attached():

@@ -19,7 +19,8 @@ from typing import List
 import torch
 from torch import nn
 
-from ..vdu_engine.backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint, whole_word_vocabulary
+from ..vdu_engine.backend import (AdaptTarget, Backend, Cond, NoiseSchedule, UNET_BLOCKS, weights_fingerprint,
+                                  whole_word_vocabulary)
 from ..vdu_engine.errors import VDUError
 from ..vdu_engine.memory import checkpoint_blocks
 
@@ -114,7 +115,7 @@ class ComfyBackend(Backend):
         for path, m in self.unet.named_modules():
             diff = self._names.get(path, "")
             # the same layer set as the diffusers backend: the down, mid and up blocks
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and diff.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and diff.split(".")[0] in UNET_BLOCKS:
                 out.append(AdaptTarget("lora_unet_" + diff.replace(".", "_"), "unet", diff, m))
         return out
 

@@ -1,4 +1,5 @@
-"""A small SD 1.5-shaped single-file checkpoint that ComfyUI detects as SD15 (FIELD_NOTES §5).
+"""A small SD 1.5-shaped single-file checkpoint that ComfyUI detects as SD15 (its
+`supported_models.SD15` matches context 768, 320 channels, no linear proj_in, no adm; depth is not checked).
 
 Built with diffusers classes (seeded random weights): a shallow UNet (model_channels 320,
 channel_mult [1, 2], one res block and one transformer per level, context 768), a full-size

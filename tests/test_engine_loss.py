@@ -118,7 +118,7 @@ def _vdu_run(b, **kw):
                         sample_steps=2, **kw).validate()
     forget = ForgetSet.from_tensor(torch.rand(3, 3, 64, 64), ["a red circle", "a small red square", "red"],
                                    channels_last=False)
-    return Run(b, cfg, forget).setup(forget)
+    return Run(b, cfg).setup(forget)
 
 
 def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_sd1):

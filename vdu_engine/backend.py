@@ -46,6 +46,9 @@ def weights_fingerprint(modules: Sequence[nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")  # the UNet parts a LoRA adapts (diffusers names)
+
+
 def whole_word_vocabulary(tokenizer, table: torch.Tensor):
     """(words, rows of `table`) for a CLIP BPE tokenizer: the tokens that end a word ("red</w>")
     are whole words when they are a single token, which is what the table holds one row for."""

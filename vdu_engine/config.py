@@ -19,7 +19,7 @@ class UnlearnConfig:
 
     objective: str = "vdu"  # vdu | esd | score_align | gradient_ascent | uce
     concept: str = ""  # prompt naming the concept: caption of images without a .txt, and the prompt of prompt-only runs
-    anchor: str = ""  # safe prompt the concept should turn into ("" = each caption without the concept; score_align: unconditional)
+    anchor: str = ""  # safe prompt the concept turns into ("" = the caption without it)
     steps: int = 200  # optimisation steps
     rank: int = 4  # LoRA rank
     alpha: float = 4.0  # LoRA alpha (scale = alpha / rank)
@@ -30,22 +30,22 @@ class UnlearnConfig:
     prior_sigma: float = 10.0  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
     ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
     fisher_samples: int = 32  # images the model generates to estimate the Fisher prior
-    fisher_prompts: List[str] = field(default_factory=list)  # prompts for those images ("" = unconditional; none given = "" plus the forget captions with the concept removed)
-    keep: List[str] = field(default_factory=list)  # concepts to keep, e.g. the concept's neighbours ("orange" when forgetting "red"): the forget captions with each in the concept's place join the Fisher prompts
-    replay: float = 10.0  # VDU weight of the function-space stability term: drift of the model's predictions on images it generates for the Fisher prompts (0 = off)
+    fisher_prompts: List[str] = field(default_factory=list)  # preservation prompts ("" = unconditional; none = automatic)
+    keep: List[str] = field(default_factory=list)  # words to hold, e.g. "orange" when forgetting "red"
+    replay: float = 10.0  # weight of the drift of the model's own predictions (0 = off)
     replay_batch: int = 0  # replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)
-    destination: float = 0.0  # VDU weight of the destination: the concept's prediction pulled to the frozen model's for the caption without it (0 = off: on the mini model it slowed forgetting, docs/quality/tuning.md)
-    destination_mode: str = "remove"  # remove: the caption without the concept; neighbours: the mean over the neighbours found in its place
-    anchor_guidance: float = 1.0  # how far the destination is guided away from the concept (a negative prompt of this strength)
+    destination: float = 0.0  # weight of the destination term (0 = off: it slowed forgetting)
+    destination_mode: str = "remove"  # remove (caption without it) | neighbours (their mean)
+    anchor_guidance: float = 1.0  # strength of the destination's negative guidance
     plasticity: float = 1.0  # VDU weight of the bounded plasticity inducer (the paper's term)
-    neighbours: int = 8  # words nearest to the concept that are checked: synonyms are forgotten too, neighbours held (0 = off)
+    neighbours: int = 8  # nearest words checked: synonyms forgotten, neighbours held
     uce_preserve: float = 1.0  # uce: weight of the preserved embeddings against the erased ones
     uce_lambda: float = 0.1  # uce: ridge weight holding the edited projections near the loaded ones
     variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
     bound: float = 2.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
     stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
     t_min: float = 0.0  # lowest timestep trained, as a fraction of the schedule
-    t_max: float = 0.6  # highest timestep trained, as a fraction of the schedule (the noisiest 40 % are left alone: README, "Tuning the defaults")
+    t_max: float = 0.6  # highest timestep trained, as a fraction of the schedule
     esd_eta: float = 1.0  # ESD negative-guidance strength
     layers: str = DEFAULT_PRESET  # cross_attention | attention | attention_ff | all
     train_text_encoder: bool = False  # also adapt the text encoder(s)
@@ -56,7 +56,7 @@ class UnlearnConfig:
     seed: int = 0  # seeds noise, timesteps, LoRA init and generated images
     cache_dir: Optional[str] = None  # where the Fisher prior is cached (default ~/.cache/vdu-unlearn)
     memory: str = ""  # memory preset: fast | balanced | low ("" = the memory flags as given; flags override it)
-    precision: str = "auto"  # forward precision: auto | fp32 | half | bf16 | fp16 (LoRA weights and optimizer stay fp32; auto = half on a GPU)
+    precision: str = "auto"  # auto | fp32 | half | bf16 | fp16 (auto = half on a GPU)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
     micro_batch_size: int = 0  # images per forward/backward pass; a step's batch is split into passes (0 = whole batch)
     offload_encoders: bool = False  # move the VAE and text encoder(s) to the CPU while the UNet trains
@@ -101,7 +101,8 @@ class UnlearnConfig:
         if int(self.micro_batch_size) < 0:
             bad("micro_batch_size", f"must be 0 (whole batch) or more, got {self.micro_batch_size}")
         if self.offload_encoders and self.train_text_encoder:
-            bad("offload_encoders", "the text encoder cannot be offloaded while it is trained; drop --train-text-encoder or --offload-encoders")
+            bad("offload_encoders", "the text encoder cannot be offloaded while it is trained; "
+                "drop --train-text-encoder or --offload-encoders")
         if self.objective in ("esd", "score_align") and not self.concept.strip():
             bad("concept", f"the {self.objective} objective needs the concept prompt; pass --concept TEXT")
         word = self.concept.strip().lower()

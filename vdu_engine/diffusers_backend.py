@@ -11,7 +11,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .backend import AdaptTarget, Backend, Cond, NoiseSchedule, weights_fingerprint, whole_word_vocabulary
+from .backend import (AdaptTarget, Backend, Cond, NoiseSchedule, UNET_BLOCKS, weights_fingerprint,
+                      whole_word_vocabulary)
 from .errors import VDUError
 from .memory import checkpoint_blocks
 
@@ -147,7 +148,7 @@ class DiffusersBackend(Backend):
     def targets(self) -> List[AdaptTarget]:
         out = []
         for path, m in self.unet.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and path.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and path.split(".")[0] in UNET_BLOCKS:
                 out.append(AdaptTarget("lora_unet_" + path.replace(".", "_"), "unet", path, m))
         prefixes = ["lora_te_"] if len(self.text_encoders) == 1 else ["lora_te1_", "lora_te2_"]
         for i, (te, prefix) in enumerate(zip(self.text_encoders, prefixes)):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -175,7 +174,7 @@ class Run:
     """What every objective may read: the model, the settings, the encoded forget set with its
     captions (and their synonym variants), the concept's vicinity and the LoRA network."""
 
-    def __init__(self, backend: Backend, cfg: UnlearnConfig, forget: Optional[ForgetSet]):
+    def __init__(self, backend: Backend, cfg: UnlearnConfig):
         self.backend, self.cfg, self.workers = backend, cfg, Workers()
         if cfg.batch_size < self.workers.world:
             raise VDUError(f"--batch-size {cfg.batch_size} cannot be split over {self.workers.world} processes; "
@@ -288,7 +287,7 @@ def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet]
     keeping what was learned so far. The backend's model is left exactly as it was."""
     cfg = config.validate()
     with torch.inference_mode(False), torch.enable_grad(), frozen(backend):
-        run = Run(backend, cfg, forget).setup(forget)                       # phase 1
+        run = Run(backend, cfg).setup(forget)                       # phase 1
         if cfg.objective == "uce":
             return _closed_form(run)
         t0 = time.perf_counter()
@@ -369,8 +368,8 @@ def _closed_form(run: Run) -> UnlearnResult:
     from .uce import uce_edit, uce_targets
     cfg, t0 = run.cfg, time.perf_counter()
     targets = uce_targets(run.backend.targets())
-    erase = sorted({c for v in run.variants for i in v for c in [run.all_captions[i]]})
-    anchors = [run.destination_prompt(run.all_captions.index(c)) for c in erase]
+    erase = run.all_captions  # every forget caption and its synonyms' versions
+    anchors = [run.destination_prompt(i) for i in range(len(erase))]
     preserve = run.image_prompts if not cfg.fisher_prompts else list(cfg.fisher_prompts)
     result = uce_edit(run.backend, targets, erase, anchors, preserve, cfg.rank, cfg.alpha,
                       preserve_scale=cfg.uce_preserve, lamb=cfg.uce_lambda, seed=cfg.seed)
