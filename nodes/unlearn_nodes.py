@@ -61,15 +61,21 @@ def keep_list(text: str):
 
 
 class VDUForgetImages(_ForgetSource):
-    DESCRIPTION = "Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) or an IMAGE batch."
+    DESCRIPTION = ("Images of the concept to forget: a folder (png/jpg/webp, optional .txt captions) "
+                   "or an IMAGE batch.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-                    "folder": ("STRING", {"default": "", "tooltip": "Folder of images of the concept (absolute, or relative to ComfyUI's input folder); leave empty to use the images input."}),
-                    "concept": ("STRING", {"default": "", "tooltip": "Prompt naming the concept: the caption of images without a .txt file."}),
-                    "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "Training resolution; 0 = the model's native one."}),
-                    "crop": (["center", "resize"], {"tooltip": "center: shorter side to the resolution, then centre crop. resize: squash to a square."}),
+                    "folder": ("STRING", {"default": "", "tooltip": (
+                        "Folder of images of the concept (absolute, or relative to ComfyUI's input folder); "
+                        "leave empty to use the images input.")}),
+                    "concept": ("STRING", {"default": "", "tooltip": (
+                        "Prompt naming the concept: the caption of images without a .txt file.")}),
+                    "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                           "tooltip": "Training resolution; 0 = the model's native one."}),
+                    "crop": (["center", "resize"], {"tooltip": (
+                        "center: shorter side to the resolution, then centre crop. resize: squash to a square.")}),
                     "keep": ("STRING", {"default": "", "tooltip": KEEP_TOOLTIP}),
                 },
                 "optional": {"images": ("IMAGE", {"tooltip": "A batch from any node, used when folder is empty."})}}
@@ -101,9 +107,12 @@ class VDUConcept(_ForgetSource):
     def INPUT_TYPES(cls):
         return {"required": {
             "concept": ("STRING", {"multiline": False, "default": "", "tooltip": "Prompt naming what to forget."}),
-            "anchor": ("STRING", {"default": "", "tooltip": "Safe prompt the concept should turn into (score_align); empty = unconditional."}),
-            "num_images": ("INT", {"default": _DEFAULTS.num_images, "min": 1, "max": 512, "tooltip": "Images to generate with the model itself."}),
-            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8, "tooltip": "0 = the model's native resolution."}),
+            "anchor": ("STRING", {"default": "", "tooltip": (
+                "Safe prompt the concept should turn into (score_align); empty = unconditional.")}),
+            "num_images": ("INT", {"default": _DEFAULTS.num_images, "min": 1, "max": 512,
+                                   "tooltip": "Images to generate with the model itself."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
+                                   "tooltip": "0 = the model's native resolution."}),
             "keep": ("STRING", {"default": "", "tooltip": KEEP_TOOLTIP}),
         }}
 
@@ -154,7 +163,8 @@ class VDUUnlearn:
             "learning_rate": ("FLOAT", {"default": d.lr, "min": 1e-7, "max": 1.0, "step": 1e-5}),
             "gamma": ("FLOAT", {"default": d.gamma, "min": 0.0, "max": 0.999, "step": 0.01,
                                 "tooltip": "Weight of the stability regularizer (VDU)."}),
-            "prior": (list(PRIORS)[:2], {"default": d.prior, "tooltip": "fisher: protect what the model uses elsewhere; isotropic: one sigma."}),
+            "prior": (list(PRIORS)[:2], {"default": d.prior, "tooltip": (
+                "fisher: protect what the model uses elsewhere; isotropic: one sigma.")}),
             "prior_sigma": ("FLOAT", {"default": d.prior_sigma, "min": 1e-6, "max": 100.0, "step": 1e-4}),
             "layers": (list(PRESETS), {"default": DEFAULT_PRESET}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True}),
@@ -173,8 +183,7 @@ class VDUUnlearn:
         cfg = UnlearnConfig(objective=objective, concept=forget["concept"], anchor=forget["anchor"], steps=steps,
                             rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
-                            resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []))
-        cfg.validate()
+                            resolution=forget["resolution"], memory=memory, keep=forget.get("keep", [])).validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
 

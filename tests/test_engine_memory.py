@@ -94,7 +94,10 @@ def test_memory_preset_sets_options_and_explicit_flags_win():
     assert (low.precision, low.gradient_checkpointing, low.micro_batch_size, low.offload_encoders) == \
         ("auto", True, 1, True)
     mine = UnlearnConfig(concept="x", memory="low", micro_batch_size=2, gradient_checkpointing=False).validate()
-    assert (mine.micro_batch_size, mine.gradient_checkpointing, mine.offload_encoders) == (2, True, True)
+    assert (mine.micro_batch_size, mine.gradient_checkpointing, mine.offload_encoders) == (2, False, True)
+    # an explicit value equal to the plain default wins too
+    zero = UnlearnConfig(concept="x", memory="balanced", micro_batch_size=0, offload_encoders=False).validate()
+    assert (zero.micro_batch_size, zero.offload_encoders) == (0, False)
     assert not UnlearnConfig(concept="x", memory="low", train_text_encoder=True).validate().offload_encoders
     with pytest.raises(VDUError, match="--memory: 'tiny' is not one of fast, balanced, low"):
         UnlearnConfig(concept="x", memory="tiny").validate()

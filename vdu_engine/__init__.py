@@ -1,7 +1,7 @@
 """vdu-unlearn's engine: make a Stable Diffusion model forget a concept, as a LoRA.
 
     from vdu_engine import DiffusersBackend, ForgetSet, UnlearnConfig, unlearn
-    backend = DiffusersBackend.load("path/to/model")
+    backend = DiffusersBackend.load("path/to/model")  # a diffusers folder, or one .safetensors checkpoint
     result = unlearn(backend, UnlearnConfig(concept="a red circle"), ForgetSet.from_folder("imgs"))
     result.save("forget-red.safetensors")
 

@@ -22,7 +22,10 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from .errors import require_finite
+
 Cond = Dict[str, torch.Tensor]
+TEXT_NAN = "the text encoder returned non-finite embeddings (nan/inf) for {bad} of {total} prompts"
 
 
 def cond_index(cond: Cond, index) -> Cond:
@@ -33,6 +36,12 @@ def cond_index(cond: Cond, index) -> Cond:
 def cond_cat(conds: Sequence[Cond]) -> Cond:
     """Concatenate conditioning dicts along the batch dimension."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def checked_text(backend: "Backend", prompts: List[str]) -> Cond:
+    """`backend.encode_text(prompts)`, stopped with the text encoder's fix if it holds nan/inf (an fp16
+    encoder can overflow): caught here, it would surface only later, as a nan loss."""
+    return require_finite(backend.encode_text(prompts), TEXT_NAN, backend.fixes["text_encoder"])
 
 
 def weights_fingerprint(modules: Sequence[nn.Module]) -> str:
@@ -143,6 +152,18 @@ class Backend(ABC):
 
     #: pixels per latent cell along each side (8 for every SD VAE)
     vae_scale_factor: int = 8
+
+    #: The fix for each part that can make nan/inf (the errors of `errors.require_finite`), in the
+    #: words of the front end that loads the model: these are the `vdu` CLI's. There the VAE and
+    #: text encoders run in the model's --dtype (as stored: fp16 for many checkpoints, where the SDXL
+    #: VAE overflows); --precision only autocasts the UNet. Read-only: a backend replaces the dict.
+    fixes: Dict[str, str] = {
+        "vae": "load the model in fp32 (--dtype float32) or use a fixed VAE such as madebyollin/sdxl-vae-fp16-fix",
+        "text_encoder": "load the model in fp32 (--dtype float32)",
+        "unet": "run the UNet in fp32 (--dtype float32 --precision fp32)",
+        "fisher": "run the UNet in fp32 (--dtype float32) or use --prior isotropic",
+        "lr": "lower --lr",
+    }
 
     def latent_shape(self, resolution: int) -> tuple:
         f = self.vae_scale_factor

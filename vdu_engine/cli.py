@@ -3,52 +3,84 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
-import re
 import sys
+import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .config import UnlearnConfig
+from .config import MEMORY_DEFAULTS, UnlearnConfig
 from .errors import VDUError
+from .memory import MEMORY_PRESETS
 
 
-def _field_help() -> dict:
-    """The comment after each UnlearnConfig field is its help text (one source of truth)."""
-    src = inspect.getsource(UnlearnConfig)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", src, re.M)}
+def _unset_help(name: str) -> str:
+    """What a memory option that is not given becomes: its plain default, or a preset's value."""
+    def show(v):
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+    by_value: dict = {}
+    for preset, values in MEMORY_PRESETS.items():
+        if name in values:
+            by_value.setdefault(values[name], []).append(preset)
+    return f"default: {show(MEMORY_DEFAULTS[name])}" + "".join(
+        f", {show(v)} with --memory {' or '.join(presets)}" for v, presets in by_value.items())
+
+
+def _flag_type(hint):
+    """The type argparse converts to: Optional[X] is X."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    helps = _field_help()
+    """One flag per UnlearnConfig field, its help from the field's metadata. A memory option that
+    is not given stays None, so that validate() can tell it from a value the user chose."""
+    hints = typing.get_type_hints(UnlearnConfig)
     for f in fields(UnlearnConfig):
         if f.name == "concept":
             continue  # declared with --images below
         default = f.default if f.default is not MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        h = helps.get(f.name, "")
-        if isinstance(default, bool):
+        h = f.metadata["help"] + (f" ({_unset_help(f.name)})" if f.name in MEMORY_DEFAULTS else "")
+        typ = _flag_type(hints[f.name])
+        if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
-        elif isinstance(default, list):
+        elif typ is list:
             p.add_argument(flag, nargs="+", default=default, metavar="TEXT", help=h)
         else:
-            typ = type(default) if default is not None else (int if "int" in str(f.type) else str)
             p.add_argument(flag, type=typ, default=default, help=h)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except a None that the help text already explains."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    """The validated settings of `vdu unlearn`: flags not given take the preset's or the default."""
+    return UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig)}).validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="vdu", description="Make a Stable Diffusion model forget a concept, as a LoRA.")
+    top = argparse.ArgumentParser(prog="vdu",
+                                  description="Make a Stable Diffusion model forget a concept, as a LoRA.")
     top.add_argument("--version", action="version", version=f"vdu-unlearn {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
-    u = sub.add_parser("unlearn", help="train an unlearning LoRA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    u = sub.add_parser("unlearn", help="train an unlearning LoRA", formatter_class=_HelpFormatter)
     _model_flags(u)
     src = u.add_argument_group("what to forget (images, a prompt, or both)")
-    src.add_argument("--images", metavar="DIR", help="folder of png/jpg/webp images of the concept; a .txt beside an image is its caption")
-    src.add_argument("--concept", default="", metavar="TEXT", help="prompt naming the concept; without --images the model generates --num-images of it")
+    src.add_argument("--images", metavar="DIR",
+                     help="folder of png/jpg/webp images of the concept; a .txt beside an image is its caption")
+    concept = next(f for f in fields(UnlearnConfig) if f.name == "concept")
+    src.add_argument("--concept", default=concept.default, metavar="TEXT", help=concept.metadata["help"])
     u.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors, kohya format)")
     u.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_config_flags(u.add_argument_group("training"))
@@ -70,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_flags(p):
     p.add_argument("model", help="diffusers pipeline folder (SD 1.x, 2.x, SDXL) or a single-file checkpoint")
-    p.add_argument("--config-dir", metavar="DIR", help="for a single-file checkpoint: a diffusers folder of the same architecture, for its configs")
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="for a single-file checkpoint whose configs cannot be read from its weights: "
+                        "a diffusers folder of the same architecture")
+    p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"), default="auto",
+                   help="auto: from the file (v_pred key, modelspec metadata, SD 2.x test) or the folder's scheduler")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a .ckpt checkpoint (a pickle, which can run code when loaded)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="dtype of the frozen model (None: as stored); LoRA weights stay float32")
@@ -80,7 +118,9 @@ def _backend(args):
     import torch
     from .diffusers_backend import DiffusersBackend
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return DiffusersBackend.load(args.model, args.config_dir, device=args.device, dtype=dtype)
+    pred = None if args.prediction_type == "auto" else args.prediction_type
+    return DiffusersBackend.load(args.model, args.config_dir, device=args.device, dtype=dtype,
+                                 prediction_type=pred, trust_pickle=args.trust_pickle)
 
 
 def cmd_unlearn(args) -> int:
@@ -89,7 +129,7 @@ def cmd_unlearn(args) -> int:
     from .saving import check_output_path
     from .distributed import Workers
     from .train import unlearn
-    cfg = UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig)}).validate()
+    cfg = config_from_args(args)
     out = check_output_path(args.out, args.overwrite)  # fail before hours of work, not after
     forget = ForgetSet.from_folder(args.images) if args.images else None
     if forget:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -13,55 +14,110 @@ OBJECTIVES = ("vdu", "esd", "score_align", "gradient_ascent", "uce")
 PRIORS = ("isotropic", "fisher", "ensemble")
 
 
+# What a memory option left unset (None) becomes when no --memory preset sets it. Every field a
+# preset sets is here, so that a value the user gave can be told from one they left out.
+# (Precision is no preset's: its default, auto, already depends on the device.)
+MEMORY_DEFAULTS = {"gradient_checkpointing": False, "micro_batch_size": 0, "offload_encoders": False}
+
+
 @dataclass
 class UnlearnConfig:
-    """Every knob of a run. Field comments are the CLI's help text."""
+    """Every knob of a run. Each field's `metadata["help"]` is its --help text.
 
-    objective: str = "vdu"  # vdu | esd | score_align | gradient_ascent | uce
-    concept: str = ""  # prompt naming the concept: caption of images without a .txt, and the prompt of prompt-only runs
-    anchor: str = ""  # safe prompt the concept turns into ("" = the caption without it)
-    steps: int = 200  # optimisation steps
-    rank: int = 4  # LoRA rank
-    alpha: float = 4.0  # LoRA alpha (scale = alpha / rank)
-    lr: float = 3e-3  # AdamW learning rate of the LoRA factors
-    batch_size: int = 4  # forget images per step
-    gamma: float = 0.5  # VDU weight of the stability regularizer (1 − gamma weighs the plasticity inducer)
-    prior: str = "fisher"  # isotropic | fisher | ensemble: variance of the Gaussian prior over weights
-    prior_sigma: float = 10.0  # prior standard deviation (isotropic), or its scale (fisher, ensemble)
-    ensemble: List[str] = field(default_factory=list)  # other checkpoints of the same architecture (prior=ensemble)
-    fisher_samples: int = 32  # images the model generates to estimate the Fisher prior
-    fisher_prompts: List[str] = field(default_factory=list)  # preservation prompts ("" = unconditional; none = automatic)
-    keep: List[str] = field(default_factory=list)  # words to hold, e.g. "orange" when forgetting "red"
-    replay: float = 10.0  # weight of the drift of the model's own predictions (0 = off)
-    replay_batch: int = 0  # replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)
-    destination: float = 0.0  # weight of the destination term (0 = off: it slowed forgetting)
-    destination_mode: str = "remove"  # remove (caption without it) | neighbours (their mean)
-    anchor_guidance: float = 1.0  # strength of the destination's negative guidance
-    plasticity: float = 1.0  # VDU weight of the bounded plasticity inducer (the paper's term)
-    neighbours: int = 8  # nearest words checked: synonyms forgotten, neighbours held
-    uce_preserve: float = 1.0  # uce: weight of the preserved embeddings against the erased ones
-    uce_lambda: float = 0.1  # uce: ridge weight holding the edited projections near the loaded ones
-    variational: bool = False  # mean-field Gaussian posterior over the LoRA factors (exports the mean)
-    bound: float = 2.0  # plasticity bound: per-sample error capped at bound × the frozen model's error at that timestep
-    stop_when_bounded: float = 0.9  # stop once this share of samples sits at the bound (0 disables)
-    t_min: float = 0.0  # lowest timestep trained, as a fraction of the schedule
-    t_max: float = 0.6  # highest timestep trained, as a fraction of the schedule
-    esd_eta: float = 1.0  # ESD negative-guidance strength
-    layers: str = DEFAULT_PRESET  # cross_attention | attention | attention_ff | all
-    train_text_encoder: bool = False  # also adapt the text encoder(s)
-    resolution: Optional[int] = None  # training resolution in pixels (default: the model's native one)
-    num_images: int = 16  # prompt-only mode: forget images generated with the model itself
-    sample_steps: int = 20  # sampler steps when the model generates images
-    guidance: float = 7.5  # classifier-free guidance when the model generates images
-    seed: int = 0  # seeds noise, timesteps, LoRA init and generated images
-    cache_dir: Optional[str] = None  # where the Fisher prior is cached (default ~/.cache/vdu-unlearn)
-    memory: str = ""  # memory preset: fast | balanced | low ("" = the memory flags as given; flags override it)
-    precision: str = "auto"  # auto | fp32 | half | bf16 | fp16 (auto = half on a GPU)
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more time)
-    micro_batch_size: int = 0  # images per forward/backward pass; a step's batch is split into passes (0 = whole batch)
-    offload_encoders: bool = False  # move the VAE and text encoder(s) to the CPU while the UNet trains
+    The memory options (MEMORY_DEFAULTS) default to None, "unset": `validate()` fills them from
+    the --memory preset, else from MEMORY_DEFAULTS, and leaves values the user gave as they are."""
+
+    objective: str = field(default="vdu", metadata={"help":
+        f"training objective: {' | '.join(OBJECTIVES)} (vdu is this project's method, the others baselines)"})
+    concept: str = field(default="", metadata={"help":
+        "prompt naming the concept: the caption of images without a .txt; without images, the model "
+        "generates --num-images of it"})
+    anchor: str = field(default="", metadata={"help":
+        'safe prompt the concept turns into ("" = the caption without the concept)'})
+    steps: int = field(default=200, metadata={"help":
+        "optimisation steps (fewer when --stop-when-bounded ends the run early)"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (the LoRA's scale is alpha / rank)"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the LoRA factors"})
+    batch_size: int = field(default=4, metadata={"help": "forget images per step"})
+    gamma: float = field(default=0.5, metadata={"help":
+        "vdu: weight of the stability regularizer; 1 - gamma weighs the plasticity inducer"})
+    prior: str = field(default="fisher", metadata={"help":
+        f"vdu: variance of the Gaussian prior over the weights: {' | '.join(PRIORS)} (isotropic: one sigma; "
+        "fisher: estimated from images the model generates; ensemble: the spread of other checkpoints)"})
+    prior_sigma: float = field(default=10.0, metadata={"help":
+        "prior standard deviation (isotropic), or its scale (fisher, ensemble)"})
+    ensemble: List[str] = field(default_factory=list, metadata={"help":
+        "other checkpoints of the same architecture, for --prior ensemble"})
+    fisher_samples: int = field(default=32, metadata={"help":
+        "images the model generates to estimate the Fisher prior"})
+    fisher_prompts: List[str] = field(default_factory=list, metadata={"help":
+        'prompts of what the Fisher prior preserves ("" = unconditional; none given = chosen automatically)'})
+    keep: List[str] = field(default_factory=list, metadata={"help":
+        'words whose images must not change, e.g. "orange" when forgetting "red"'})
+    replay: float = field(default=10.0, metadata={"help":
+        "weight of the penalty on drift of the model's own predictions on replayed images (0 = off)"})
+    replay_batch: int = field(default=0, metadata={"help":
+        "replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)"})
+    destination: float = field(default=0.0, metadata={"help":
+        "weight of the destination term, which pulls the concept towards --destination-mode's target "
+        "(0 = off, which forgets fastest)"})
+    destination_mode: str = field(default="remove", metadata={"help":
+        "target of the destination term: remove (the caption without the concept) | "
+        "neighbours (the mean of the nearest words)"})
+    anchor_guidance: float = field(default=1.0, metadata={"help":
+        "strength of the destination's negative guidance"})
+    plasticity: float = field(default=1.0, metadata={"help":
+        "vdu: weight of the bounded plasticity inducer, the term that makes the model forget"})
+    neighbours: int = field(default=8, metadata={"help":
+        "nearest words checked: synonyms are forgotten too, the other neighbours held (0 = off)"})
+    uce_preserve: float = field(default=1.0, metadata={"help":
+        "uce: weight of the preserved embeddings against the erased ones"})
+    uce_lambda: float = field(default=0.1, metadata={"help":
+        "uce: ridge weight holding the edited projections near the loaded ones"})
+    variational: bool = field(default=False, metadata={"help":
+        "learn a mean-field Gaussian posterior over the LoRA factors (the saved LoRA is its mean)"})
+    bound: float = field(default=2.0, metadata={"help":
+        "plasticity bound: a sample's error is capped at bound x the frozen model's error at its timestep"})
+    stop_when_bounded: float = field(default=0.9, metadata={"help":
+        "stop once this share of samples sits at the bound (0 = never stop early)"})
+    t_min: float = field(default=0.0, metadata={"help": "lowest timestep trained, as a fraction of the schedule"})
+    t_max: float = field(default=0.6, metadata={"help": "highest timestep trained, as a fraction of the schedule"})
+    esd_eta: float = field(default=1.0, metadata={"help": "esd: negative-guidance strength"})
+    layers: str = field(default=DEFAULT_PRESET, metadata={"help":
+        f"layers that get a LoRA: {' | '.join(PRESETS)}"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
+    resolution: Optional[int] = field(default=None, metadata={"help":
+        "training resolution in pixels (default: the model's native one)"})
+    num_images: int = field(default=16, metadata={"help":
+        "prompt-only runs: how many images of the concept the model generates to forget"})
+    sample_steps: int = field(default=20, metadata={"help": "sampler steps when the model generates images"})
+    guidance: float = field(default=7.5, metadata={"help":
+        "classifier-free guidance when the model generates images"})
+    seed: int = field(default=0, metadata={"help": "seeds noise, timesteps, LoRA init and generated images"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help":
+        "where the Fisher prior is cached (default: ~/.cache/vdu-unlearn)"})
+    memory: str = field(default="", metadata={"help":
+        f"memory preset: {' | '.join(MEMORY_PRESETS)}; it sets those of "
+        f"{', '.join('--' + name.replace('_', '-') for name in MEMORY_DEFAULTS)} that are not given "
+        '("" = none). No memory option changes what is learned beyond rounding'})
+    precision: str = field(default="auto", metadata={"help":
+        f"precision of the frozen model's forward: {' | '.join(PRECISIONS)} (auto = half on a GPU, fp32 on "
+        "a CPU); the LoRA factors stay fp32"})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={"help":
+        "recompute activations in the backward pass: less memory, more time"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={"help":
+        "images per forward/backward pass; a step's batch is split into passes (0 = the whole batch in one)"})
+    offload_encoders: Optional[bool] = field(default=None, metadata={"help":
+        "move the VAE and text encoder(s) to the CPU while the UNet trains (not with --train-text-encoder)"})
 
     def validate(self) -> "UnlearnConfig":
+        """A checked copy with the unset memory options resolved; this config is left as it is.
+
+        Validating the result again gives an equal config: resolved values count as given."""
+        return copy.deepcopy(self)._check_and_resolve()
+
+    def _check_and_resolve(self) -> "UnlearnConfig":
         def bad(name, why):
             raise VDUError(f"--{name.replace('_', '-')}: {why}")
 
@@ -90,11 +146,12 @@ class UnlearnConfig:
             bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
         if self.memory and self.memory not in MEMORY_PRESETS:
             bad("memory", f"{self.memory!r} is not one of {', '.join(MEMORY_PRESETS)}")
-        defaults = UnlearnConfig()
-        for name, value in MEMORY_PRESETS.get(self.memory, {}).items():
-            if name == "offload_encoders" and self.train_text_encoder:
-                continue  # a trained text encoder stays where it is
-            if getattr(self, name) == getattr(defaults, name):  # an explicit flag wins over the preset
+        preset = MEMORY_PRESETS.get(self.memory, {})
+        for name, plain in MEMORY_DEFAULTS.items():
+            if getattr(self, name) is None:  # unset: the preset's value, else the plain default
+                value = preset.get(name, plain)
+                if name == "offload_encoders" and self.train_text_encoder:
+                    value = plain  # a trained text encoder stays where it is
                 setattr(self, name, value)
         if self.precision not in PRECISIONS:
             bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import VDUError
+from .errors import VDUError, require_finite
 
 log = logging.getLogger("vdu_engine")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -77,6 +77,9 @@ class ForgetSet:
         if images.dim() != 4 or images.shape[0] == 0:
             raise VDUError("the forget images must be a non-empty batch of images")
         x = images.detach().float().clone()  # a normal tensor even if made in inference mode
+        # clamp keeps nan, which the VAE's check would then pin on the VAE: name what made the images
+        require_finite(x, "the forget images hold non-finite pixels (nan/inf) in {bad} of {total}",
+                       "check what made them (a VAE decode in fp16 overflows; in ComfyUI, launch it with --fp32-vae)")
         x = x.permute(0, 3, 1, 2) if channels_last else x
         x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
         captions = list(captions) if captions is not None else [None] * len(x)

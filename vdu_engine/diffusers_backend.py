@@ -1,6 +1,6 @@
 """The diffusers backend: SD 1.x, SD 2.x (v-prediction too) and SDXL, from a pipeline folder,
-a single-file checkpoint (with a diffusers folder of the same architecture for its configs,
-since no config can be downloaded), or a pipeline object already in memory."""
+a single-file checkpoint (its configs read from its weights, see single_file.py; or taken from a
+diffusers folder of the same architecture), or a pipeline object already in memory."""
 
 from __future__ import annotations
 
@@ -56,13 +56,18 @@ class DiffusersBackend(Backend):
 
     @classmethod
     def load(cls, path, config_dir: Optional[str] = None, device: Optional[str] = None,
-             dtype: Optional[torch.dtype] = None) -> "DiffusersBackend":
-        """A diffusers folder, or a .safetensors/.ckpt single file plus `config_dir`."""
+             dtype: Optional[torch.dtype] = None, prediction_type: Optional[str] = None,
+             trust_pickle: bool = False) -> "DiffusersBackend":
+        """A diffusers folder, or a .safetensors (or trusted .ckpt) single file, read on its own or
+        with the configs of `config_dir`. prediction_type ("epsilon", "v_prediction"; None: detected
+        or as configured) overrides the model's; trust_pickle allows a .ckpt, which can run code."""
         path = Path(path)
         if not path.exists():
             raise VDUError(f"model {path} does not exist; pass a diffusers folder or a .safetensors checkpoint")
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise VDUError(f"prediction type {prediction_type!r} is unknown; pass epsilon or v_prediction")
         if path.is_file():
-            return cls._load_single_file(path, config_dir, device, dtype)
+            return cls._load_single_file(path, config_dir, device, dtype, prediction_type, trust_pickle)
         index = path / "model_index.json"
         if not index.exists() or not (path / "unet").is_dir():
             raise VDUError(f"{path} is not a Stable Diffusion model (no model_index.json and unet/); "
@@ -81,17 +86,31 @@ class DiffusersBackend(Backend):
             tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw))
             toks.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        if prediction_type:
+            sched["prediction_type"] = prediction_type
         return cls(unet, vae, tes, toks, sched, device=device, dtype=dtype)
 
     @classmethod
-    def _load_single_file(cls, path, config_dir, device, dtype):
-        if path.suffix not in (".safetensors", ".ckpt"):
+    def _load_single_file(cls, path, config_dir, device, dtype, prediction_type=None, trust_pickle=False):
+        from .single_file import load_single_file, refuse_pickle
+        if path.suffix.lower() not in (".safetensors", ".ckpt"):
             raise VDUError(f"{path} is not a Stable Diffusion checkpoint (.safetensors or .ckpt)")
-        if not config_dir:
-            raise VDUError(f"{path.name} is a single-file checkpoint: pass --config-dir DIR, a diffusers folder "
-                           "of the same architecture, for its configs (nothing is downloaded)")
+        refuse_pickle(path, trust_pickle)
+        if config_dir:
+            return cls._load_with_config_dir(path, config_dir, device, dtype, prediction_type)
+        m = load_single_file(path, prediction_type=prediction_type, trust_pickle=trust_pickle, dtype=dtype)
+        return cls(m.unet, m.vae, m.text_encoders, m.tokenizers, m.scheduler_config, device=device, dtype=dtype)
+
+    @classmethod
+    def _load_with_config_dir(cls, path, config_dir, device, dtype, prediction_type):
+        """For files whose configs cannot be read from their weights: diffusers' own loader, with the
+        configs of a diffusers folder of the same architecture."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        name = json.loads((Path(config_dir) / "model_index.json").read_text()).get("_class_name", "")
+        index = Path(config_dir) / "model_index.json"
+        if not index.is_file():
+            raise VDUError(f"--config-dir {config_dir} is not a diffusers folder (no model_index.json); "
+                           "pass a diffusers pipeline folder of the same architecture")
+        name = json.loads(index.read_text()).get("_class_name", "")
         pipe_cls = StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
         try:
             pipe = pipe_cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
@@ -99,6 +118,8 @@ class DiffusersBackend(Backend):
         except Exception as e:
             raise VDUError(f"{path.name} could not be read as a {name or 'Stable Diffusion'} checkpoint "
                            f"({type(e).__name__}); check the file and --config-dir") from None
+        if prediction_type:
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
         return cls.from_pipeline(pipe, device=device, dtype=dtype)
 
     # --- the Backend contract -----------------------------------------------------------

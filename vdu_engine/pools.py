@@ -11,12 +11,14 @@ from typing import Callable, List, Union
 
 import torch
 
-from .backend import cond_index
+from .backend import checked_text, cond_index
+from .errors import require_finite
 
 FORGET_POOL = 256  # noisy forget latents (16 per image for 16 images; a 200-step run draws 800 rows)
 REPLAY_POOL = 128  # noisy latents of the model's own images for the preservation prompts
 PASS = 8  # images per no-grad forward while a pool is made: less memory than a training step
 N_BOUND_BUCKETS = 10
+FROZEN_NAN = "the frozen UNet's predictions (made before training) are non-finite (nan/inf) for {bad} of {total} inputs"
 
 
 class PredictionPool:
@@ -67,7 +69,7 @@ class PredictionPool:
             raise ValueError("every row needs the same number of destination prompts")
         prompts = sorted({q for p in per_row for q in p})
         with torch.no_grad():
-            cond = run.backend.encode_text(prompts)
+            cond = checked_text(run.backend, prompts)
         total = 0
         for k in range(width):
             index = torch.tensor([prompts.index(p[k]) for p in per_row], device=self.t.device)
@@ -80,9 +82,12 @@ class PredictionPool:
 
     @torch.no_grad()
     def _predict(self, run, cond, index) -> torch.Tensor:
+        """The frozen model's prediction on every row, checked once here (the pool's inputs are finite), so an
+        fp16 overflow of the UNet is named now rather than as a nan loss at step 1."""
         with run.network.disabled():
-            return torch.cat([run.denoise(self.x_t[s], self.t[s], cond_index(cond, index[s])).float()
+            pred = torch.cat([run.denoise(self.x_t[s], self.t[s], cond_index(cond, index[s])).float()
                               for s in (slice(a, a + PASS) for a in range(0, len(self), PASS))])
+        return require_finite(pred, FROZEN_NAN, run.backend.fixes["unet"])
 
     @classmethod
     @torch.no_grad()

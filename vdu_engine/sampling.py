@@ -12,7 +12,11 @@ from typing import List, Optional
 
 import torch
 
-from .backend import Backend, cond_cat
+from .backend import Backend, checked_text, cond_cat
+from .errors import require_finite
+
+SAMPLES_NAN = "the UNet's samples (the images the model generates itself) are non-finite (nan/inf) for {bad} of {total}"
+DECODED_NAN = "the VAE decoded finite latents into non-finite images (nan/inf) for {bad} of {total}"
 
 
 @torch.no_grad()
@@ -27,7 +31,7 @@ def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 2
     T = sched.num_train_timesteps
     ts = torch.linspace(T - 1, 0, steps).round().long()
     ac = sched.alphas_cumprod.float()
-    uncond_one = backend.encode_text([negative])
+    uncond_one = checked_text(backend, [negative])
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -36,7 +40,7 @@ def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 2
                                      generator=torch.Generator().manual_seed(s))
                          for s in seeds[start:start + b]]).to(backend.device, backend.dtype)
         cond = cond_cat([{k: v.expand(b, *v.shape[1:]) for k, v in uncond_one.items()},
-                         backend.encode_text(chunk)])
+                         checked_text(backend, chunk)])
         for i, t in enumerate(ts):
             tt = t.repeat(2 * b).to(backend.device)
             pred = backend.denoise(torch.cat([x, x]), tt, cond).float()
@@ -48,7 +52,8 @@ def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 2
             x0 = (x.float() - (1 - a).sqrt() * eps) / a.sqrt()
             x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(backend.dtype)
         out.append(x.float())
-    return torch.cat(out)
+    # The prompts' embeddings were finite, so nan/inf here came from the UNet (or its dtype's range).
+    return require_finite(torch.cat(out), SAMPLES_NAN, backend.fixes["unet"])
 
 
 @torch.no_grad()
@@ -56,4 +61,5 @@ def ddim_sample(backend: Backend, prompts: List[str], seed: int, steps: int = 20
                 guidance: float = 7.5, resolution: Optional[int] = None, **kw) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1]."""
     lat = ddim_latents(backend, prompts, seed, steps, guidance, resolution, **kw)
-    return torch.cat([backend.decode_latents(lat[i:i + 64]) for i in range(0, len(lat), 64)])
+    images = torch.cat([backend.decode_latents(lat[i:i + 64]) for i in range(0, len(lat), 64)])
+    return require_finite(images, DECODED_NAN, backend.fixes["vae"])

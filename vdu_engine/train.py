@@ -22,11 +22,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import __version__
-from .backend import Backend, cond_index
+from .backend import Backend, checked_text, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
 from .distributed import Workers
-from .errors import VDUError
+from .errors import VDUError, require_finite
 from .layers import select_targets
 from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
@@ -41,6 +41,9 @@ from .saving import atomic_save_file
 Progress = Callable[[int, int, Dict[str, float]], None]
 PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
 PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
+LATENTS_NAN = "the VAE returned non-finite latents (nan/inf) for {bad} of {total} images"
+PROFILE_NAN = "the UNet's denoising error on the forget set is non-finite (nan/inf) in {bad} of {total} timestep ranges"
+FISHER_NAN = "the Fisher prior's estimate is non-finite (nan/inf) in {bad} of {total} layers"
 
 
 @dataclass
@@ -75,14 +78,15 @@ def _forget_latents(backend, cfg, forget, resolution):
     with torch.no_grad():
         lat = torch.cat([backend.encode_images(pixels[i:i + 8].to(backend.device))
                          for i in range(0, len(pixels), 8)]).float()
-    return lat, captions
+    # The pixels are finite (data.py), so nan/inf here is the VAE's: the SDXL VAE overflows in fp16.
+    return require_finite(lat, LATENTS_NAN, backend.fixes["vae"]), captions
 
 
 def _encode_unique(backend, prompts):
     """Each distinct prompt through the text encoder once; rows gathered per prompt."""
     uniq = sorted(set(prompts))
     with torch.no_grad():
-        cond = backend.encode_text(uniq)
+        cond = checked_text(backend, uniq)
     index = torch.tensor([uniq.index(p) for p in prompts])
     return cond_index(cond, index.to(next(iter(cond.values())).device))
 
@@ -131,14 +135,22 @@ def _build_prior(run) -> PriorEnergy:
     def compute():
         lat, cond = run.images()
         prompts = spec["prompts"] if any(t.component != "unet" for t in targets) else None
-        return diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed, prompts)
+        fisher = diagonal_fisher(backend, targets, lat.to(backend.dtype), cond, cfg.seed, prompts)
+        return _finite_fisher(fisher, backend.fixes["fisher"])  # checked before it is cached
     path = fisher_cache_path(cache, backend, targets, spec)
     if not workers.is_main:
         workers.barrier()  # the main process computes and caches it; the others read it
     fisher = cached_fisher(path, compute)
     if workers.is_main:
         workers.barrier()
-    return fisher_prior(fisher, cfg.prior_sigma)
+    # Versions before this check cached nan estimates; the cache key ignores the dtype, so fp32 reads them too.
+    return fisher_prior(_finite_fisher(fisher, f"delete {path}, cached by an earlier failed run"), cfg.prior_sigma)
+
+
+def _finite_fisher(fisher: Dict[str, torch.Tensor], fix: str) -> Dict[str, torch.Tensor]:
+    """The estimate, if every layer's is finite. One row per layer: its largest magnitude (nan stays nan)."""
+    require_finite(torch.stack([f.abs().amax() for f in fisher.values()]), FISHER_NAN, fix)
+    return fisher
 
 
 @torch.no_grad()
@@ -161,7 +173,7 @@ def _error_profile(backend, latents, cond, seed) -> torch.Tensor:
             pred = backend.denoise(backend.schedule.add_noise(x0[s], eps[s], t[s]), t[s], cond_index(cond, idx[s]))
             errs.append(denoising_error(pred, backend.schedule.target(x0[s], eps[s], t[s])))
         prof[b] = torch.cat(errs).mean().cpu()
-    return prof
+    return require_finite(prof, PROFILE_NAN, backend.fixes["unet"])  # its inputs were checked: the UNet's
 
 
 def _denoise(backend, amp, x_t, t, c):
@@ -346,8 +358,9 @@ def _optimise(run: Run, objective, progress, should_stop) -> List[Dict[str, floa
                 scaler.scale(loss * share).backward()
                 stats += share * torch.stack([loss.detach().float()] + [terms[k].float() for k in objective.reported])
             stats = workers.sum_gradients(params, stats).tolist()  # the one host sync of a step
-            if not math.isfinite(stats[0]):
-                raise VDUError(f"the loss became {stats[0]} at step {step + 1}; lower --lr or raise --gamma")
+            if not math.isfinite(stats[0]):  # every input was checked finite: the training itself diverged
+                raise VDUError(f"the loss became {stats[0]} at step {step + 1}: the training diverged; "
+                               f"{run.backend.fixes['lr']} (now {cfg.lr:g})")
             scaler.step(opt)
             scaler.update()
             terms = dict(zip(names, stats))
