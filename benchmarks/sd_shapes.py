@@ -1,8 +1,9 @@
 """Stable Diffusion-shaped models with random weights, built in code, for speed measurements.
 
 - sd15_shallow: SD 1.5's widths and attention, two levels deep (ComfyUI detects it as SD15, which
-  checks widths and context, not depth: 320/640 channels, one resnet and one transformer per level, context 768; ~107 M UNet parameters), full CLIP-L
-  text encoder and SD VAE shapes. Small enough for a CPU step, real enough for per-layer costs.
+  checks widths and context, not depth: 320/640 channels, one resnet and one transformer per level,
+  context 768; ~107 M UNet parameters), full CLIP-L text encoder and SD VAE shapes. Small enough for
+  a CPU step, real enough for per-layer costs.
 - sd15 / sdxl: the full-size UNets (860 M / 2.6 B parameters) for `--gpu-full`.
 - tiny: the same code path at test size.
 Weights are random: time and memory do not depend on them. Tokenizers use the mini world's

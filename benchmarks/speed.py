@@ -294,9 +294,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     for label, rows in report.get("scaling", {}).items():
         lines += [f"## Scaling with {label} (mini model, batch 4)", "",
-                  f"| {label} | s / step | encode (s) | peak RSS (MB) | run peak above model (MB) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['value']} | {r['seconds_per_step']:.4f} | {r['encode_seconds']:.3f} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['run_peak_above_model_mb']:.0f} |" for r in rows]
+                  f"| {label} | s / step | encode (s) | peak RSS (MB) | run peak above model (MB) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['value']} | {r['seconds_per_step']:.4f} | {r['encode_seconds']:.3f} | "
+                  f"{r['peak_rss_mb']:.0f} | {r['run_peak_above_model_mb']:.0f} |" for r in rows]
         lines.append("")
     if report.get("demo"):
         d = report["demo"]
@@ -307,9 +308,10 @@ def markdown(report: dict) -> str:
         lines += [f"## Full size on {g['device']} (bf16 matmul peak {g['bf16_matmul_peak_tflops']:.0f} TFLOP/s)", "",
                   "| model | px | preset | s / step | peak GPU memory (GB) |", "|---|---|---|---|---|"]
         for kind, m in g["models"].items():
-            lines += [f"| {kind} | {m['resolution']} | {p} | {v['seconds_per_step']:.3f} | "
-                      f"{v['peak_gpu_memory_gb'] if v['peak_gpu_memory_gb'] is None else round(v['peak_gpu_memory_gb'], 2)} |"
-                      for p, v in m["presets"].items()]
+            for p, v in m["presets"].items():
+                peak = v["peak_gpu_memory_gb"]
+                lines.append(f"| {kind} | {m['resolution']} | {p} | {v['seconds_per_step']:.3f} | "
+                             f"{peak if peak is None else round(peak, 2)} |")
         lines += ["", "| model | LoRA s / step | VDU / LoRA | TFLOP / step | MFU | projected default run (s) |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {k} | {m['lora_seconds_per_step']:.3f} | {m['vdu_vs_lora']:.3f} | {m['step_tflop']:.2f} | "

@@ -29,8 +29,10 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seeds", type=int, default=1, help="training runs per setting, samples split among them")
     p.add_argument("--cache", default=str(ROOT / "cache"))
-    p.add_argument("--colours", action="store_true", help="also count the colours the evaluator sees in the neighbour prompts' samples")
-    p.add_argument("--device", default="cpu", help="where the model trains and samples (the evaluator stays on the CPU)")
+    p.add_argument("--colours", action="store_true",
+                   help="also count the colours the evaluator sees in the neighbour prompts' samples")
+    p.add_argument("--device", default="cpu",
+                   help="where the model trains and samples (the evaluator stays on the CPU)")
     p.add_argument("--precision", default="fp32", help="the runs' --precision (fp32: the CPU's numbers on a GPU too)")
     args = p.parse_args(argv)
     backend, evaluator = DiffusersBackend.load(MODEL_DIR, device=args.device), Evaluator(EVALUATOR_DIR)
@@ -50,7 +52,9 @@ def main(argv=None):
                 network.append(result.network)
                 steps += len(result.history) / args.seeds
         m = world_eval.evaluate(backend, evaluator, args.concept, args.samples, network=network, real_retain=real)
-        colours = f" neighbour_colours={dict(Counter(classify_colour(m['images']['neighbour'])))}" if args.colours else ""
+        colours = ""
+        if args.colours:
+            colours = f" neighbour_colours={dict(Counter(classify_colour(m['images']['neighbour'])))}"
         print(f"{run:50} " + " ".join(f"{k}={v:.3f}" for k, v in m["metrics"].items())
               + f" seconds={time.time() - t0:.0f} steps={steps:.0f}" + colours, flush=True)
 

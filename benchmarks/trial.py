@@ -5,28 +5,42 @@
 Each setting is a name and UnlearnConfig fields (plus "images": forget images, 0 = prompt-only;
 default 32); the name "orig" measures the model as loaded.
 """
-import sys, json, time, torch
-from pathlib import Path
+import json
+import sys
+import time
+
 from miniworld import EVALUATOR_DIR, MODEL_DIR
 from miniworld.evaluator import Evaluator
 from benchmarks import world_eval
 from vdu_engine import DiffusersBackend, UnlearnConfig, unlearn
+
 if __name__ != "__main__":
     raise SystemExit("run as python -m benchmarks.trial")
+
+
+def rounded(metrics: dict) -> dict:
+    return {k: round(v, 3) for k, v in metrics.items()}
+
+
 concepts = sys.argv[1].split(",")
 settings = json.loads(sys.argv[2])
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 64
-b = DiffusersBackend.load(MODEL_DIR, device="cpu"); ev = Evaluator(EVALUATOR_DIR)
+backend = DiffusersBackend.load(MODEL_DIR, device="cpu")
+evaluator = Evaluator(EVALUATOR_DIR)
 for concept in concepts:
     if "orig" in settings:
-        m = world_eval.evaluate(b, ev, concept, n)["metrics"]; print(concept, "original", {k: round(v, 3) for k, v in m.items()}, flush=True)
-    for name, kw in settings.items():
-        if name == "orig": continue
-        kw = dict(kw); nimg = kw.pop("images", 32)
-        fs = world_eval.forget_images(concept, nimg) if nimg else None
+        metrics = world_eval.evaluate(backend, evaluator, concept, n)["metrics"]
+        print(concept, "original", rounded(metrics), flush=True)
+    for name, fields in settings.items():
+        if name == "orig":
+            continue
+        fields = dict(fields)
+        n_images = fields.pop("images", 32)
+        forget = world_eval.forget_images(concept, n_images) if n_images else None
         t0 = time.time()
-        r = unlearn(b, UnlearnConfig(concept=concept, cache_dir="cache", **kw), fs)
-        tt = time.time() - t0
-        m = world_eval.evaluate(b, ev, concept, n, network=r.network)["metrics"]
-        print(concept, name, {k: round(v, 3) for k, v in m.items()}, f"train {tt:.0f}s steps {len(r.history)}",
-              r.metadata.get("vdu_synonyms_found"), "|", r.metadata.get("vdu_neighbours_held"), "| steps", r.metadata["vdu_steps"], flush=True)
+        result = unlearn(backend, UnlearnConfig(concept=concept, cache_dir="cache", **fields), forget)
+        train_seconds = time.time() - t0
+        metrics = world_eval.evaluate(backend, evaluator, concept, n, network=result.network)["metrics"]
+        print(concept, name, rounded(metrics), f"train {train_seconds:.0f}s steps {len(result.history)}",
+              result.metadata.get("vdu_synonyms_found"), "|", result.metadata.get("vdu_neighbours_held"),
+              "| steps", result.metadata["vdu_steps"], flush=True)

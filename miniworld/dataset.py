@@ -70,7 +70,8 @@ def render(shape: str, colour: str, size: str, background: str, rng: np.random.G
     r = rng.uniform(*SIZES[size])
     margin = r * 0.9
     cx, cy = rng.uniform(margin, SIZE - margin, 2)
-    angle = 0.0 if shape == "circle" else rng.uniform(-0.5, 0.5) + (np.pi / 2 if shape == "ellipse" and rng.random() < 0.5 else 0)
+    angle = 0.0 if shape == "circle" else (
+        rng.uniform(-0.5, 0.5) + (np.pi / 2 if shape == "ellipse" and rng.random() < 0.5 else 0))
     bg = BACKGROUNDS[background] + rng.uniform(-0.05, 0.05)
     img = np.full((SIZE, SIZE, 3), bg, np.float32)
     img += rng.normal(0, 0.015, (SIZE, SIZE, 1)).astype(np.float32)  # grey texture, no hue

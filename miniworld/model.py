@@ -47,4 +47,5 @@ def param_count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-__all__ = ["build_vae", "build_unet", "build_text_encoder", "build_scheduler", "param_count", "vocabulary", "MAX_TOKENS"]
+__all__ = ["build_vae", "build_unet", "build_text_encoder", "build_scheduler", "param_count", "vocabulary",
+           "MAX_TOKENS"]

@@ -134,7 +134,8 @@ def main(argv=None):
     info = {"command": "python -m miniworld.train " + " ".join(argv or __import__("sys").argv[1:]),
             "seconds": round(time.time() - t_start, 1), "params": {
                 "unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text)},
-            "exclude": exclude, "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "lr": args.lr}
+            "exclude": exclude, "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+            "lr": args.lr}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"saved {out}: {info['params']}")
 

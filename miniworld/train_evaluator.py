@@ -55,7 +55,8 @@ def main(argv=None):
         xb = x[idx]
         # Blur, brightness jitter and noise, so generated (imperfect) images classify too.
         xb = blur(xb, 1.2 * torch.rand(len(xb), generator=g))
-        xb = (xb * (1 + 0.1 * torch.randn(len(xb), 1, 1, 1, generator=g)) + 0.03 * torch.randn(xb.shape, generator=g)).clamp(0, 1)
+        xb = (xb * (1 + 0.1 * torch.randn(len(xb), 1, 1, 1, generator=g))
+              + 0.03 * torch.randn(xb.shape, generator=g)).clamp(0, 1)
         loss = F.cross_entropy(net(xb * 2 - 1), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -75,7 +76,8 @@ def main(argv=None):
     info = {"held_out_shape_accuracy": round(shape_acc, 4), "held_out_shape_accuracy_blur1px": round(blur_acc, 4),
             "held_out_colour_accuracy": round(colour_acc, 4),
             "held_out_images": len(held), "train_images": len(train), "steps": args.steps,
-            "seconds": round(time.time() - t0, 1), "command": "python -m miniworld.train_evaluator " + " ".join(argv or sys.argv[1:])}
+            "seconds": round(time.time() - t0, 1),
+            "command": "python -m miniworld.train_evaluator " + " ".join(argv or sys.argv[1:])}
     (out / "evaluator.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
 

@@ -59,7 +59,8 @@ def test_targets_use_the_diffusers_kohya_keys(comfy_models):
     ours = {t.key: tuple(t.module.weight.shape) for t in b.targets()}
     theirs = {"lora_unet_" + n.replace(".", "_"): tuple(m.weight.shape)
               for n, m in comfy_models["diffusers_unet"].named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")}
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")}
     assert ours == theirs
 
 

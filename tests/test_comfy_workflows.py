@@ -51,7 +51,8 @@ SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
 
 def run_ok(server, wf, timeout=900):
     entry = server.wait(server.queue(wf), timeout)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:] + server.log()[-3000:]
+    assert entry["status"]["status_str"] == "success", (
+        json.dumps(entry["status"], indent=1)[-3000:] + server.log()[-3000:])
     return entry
 
 
@@ -94,7 +95,8 @@ def test_unlearn_from_prompt_then_apply_and_compare(server):
     assert "lora key not loaded" not in server.log()[mark:]
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 4  # two samples without, two with the LoRA
-    px = [np.asarray(Image.open(server.base / "output" / i["subfolder"] / i["filename"]), dtype=np.float32) for i in images]
+    px = [np.asarray(Image.open(server.base / "output" / i["subfolder"] / i["filename"]), dtype=np.float32)
+          for i in images]
     assert np.abs(px[0] - px[2]).mean() > 0.5  # the LoRA changes the samples
 
 
@@ -106,7 +108,8 @@ def test_unlearn_from_folder_runs_as_shipped(server):
 def test_kept_concepts_reach_the_lora(server):
     from safetensors import safe_open
     keep = {"resolution": 128, "keep": "an orange circle, a blue circle"}
-    wf = shipped("unlearn_from_folder", **{**SMALL, "VDUForgetImages": keep, "VDUUnlearn": {"steps": 3, "prior": "fisher"},
+    wf = shipped("unlearn_from_folder", **{**SMALL, "VDUForgetImages": keep,
+                                           "VDUUnlearn": {"steps": 3, "prior": "fisher"},
                                            "VDUSaveLoRA": {"filename": "kept/lora"}})
     run_ok(server, wf)
     with safe_open(str(server.base / "models" / "loras" / "kept" / "lora.safetensors"), "pt") as f:

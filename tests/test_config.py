@@ -100,3 +100,24 @@ def test_config_and_cli_lines_fit_120_characters():
         long = [i for i, line in enumerate((root / rel).read_text(encoding="utf-8").splitlines(), 1)
                 if len(line) > 120]
         assert not long, f"{rel}: lines {long} are over 120 characters"
+
+
+def test_every_tracked_python_file_fits_120_characters():
+    import shutil
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None:
+        pytest.skip("git is not available")
+    proc = subprocess.run(["git", "ls-files", "-z", "*.py"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"git ls-files failed: {proc.stderr.strip()}")
+    long = []
+    for rel in filter(None, proc.stdout.split("\0")):
+        path = root / rel
+        if not path.is_file():  # tracked but deleted in the work tree
+            continue
+        with open(path, encoding="utf-8") as f:
+            lengths = [len(line.rstrip("\n")) for line in f]
+        long += [f"{rel}:{i}:{n}" for i, n in enumerate(lengths, 1) if n > 120]
+    assert not long, "lines over 120 characters (file:line:length):\n" + "\n".join(long)

@@ -55,7 +55,8 @@ def test_bad_forget_folders(setup, needle, tmp_path, tiny_sd1):
 
 def test_not_a_model_and_unsupported_architecture(tmp_path, red_images):
     (tmp_path / "empty").mkdir()
-    proc = run_cli("unlearn", tmp_path / "empty", "--concept", "x", "--images", red_images, "--out", tmp_path / "o.safetensors")
+    proc = run_cli("unlearn", tmp_path / "empty", "--concept", "x", "--images", red_images,
+                   "--out", tmp_path / "o.safetensors")
     assert_clean_error(proc, "is not a Stable Diffusion model", tmp_path)
     flux = tmp_path / "flux"
     (flux / "unet").mkdir(parents=True)
@@ -75,15 +76,18 @@ def test_not_a_model_and_unsupported_architecture(tmp_path, red_images):
     ("--replay", "-1", "--replay"),
 ])
 def test_out_of_range_settings(flag, value, needle, tmp_path, tiny_sd1, red_images):
-    proc = run_cli("unlearn", tiny_sd1, "--concept", "x", "--images", red_images, "--out", tmp_path / "o.safetensors", flag, value)
+    proc = run_cli("unlearn", tiny_sd1, "--concept", "x", "--images", red_images,
+                   "--out", tmp_path / "o.safetensors", flag, value)
     assert_clean_error(proc, needle, tmp_path)
 
 
 def test_output_directory_missing_and_existing_file(tmp_path, tiny_sd1, red_images):
-    proc = run_cli("unlearn", tiny_sd1, "--concept", "x", "--images", red_images, "--out", tmp_path / "nope" / "o.safetensors")
+    proc = run_cli("unlearn", tiny_sd1, "--concept", "x", "--images", red_images,
+                   "--out", tmp_path / "nope" / "o.safetensors")
     assert_clean_error(proc, "does not exist", tmp_path)
     (tmp_path / "o.safetensors").write_bytes(b"keep me")
-    assert main(["unlearn", str(tiny_sd1), "--concept", "x", "--images", str(red_images), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert main(["unlearn", str(tiny_sd1), "--concept", "x", "--images", str(red_images),
+                 "--out", str(tmp_path / "o.safetensors")]) == 2
     assert (tmp_path / "o.safetensors").read_bytes() == b"keep me"
 
 

@@ -108,7 +108,8 @@ def test_stop_rule_ends_the_run_when_the_forget_set_is_at_its_bound(tiny_sd1, fa
 def test_progress_callback_and_should_stop(tiny_sd1, fast_config):
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
     seen = []
-    result = unlearn(b, fast_config(steps=10, prior="isotropic"), progress=lambda s, n, terms: seen.append((s, n, terms)),
+    result = unlearn(b, fast_config(steps=10, prior="isotropic"),
+                     progress=lambda s, n, terms: seen.append((s, n, terms)),
                      should_stop=lambda: len(seen) >= 3)
     assert [s for s, _, _ in seen] == [1, 2, 3] and seen[0][1] == 10
     assert {"loss", "stability", "forget_error"} <= set(seen[0][2])

@@ -134,7 +134,8 @@ def test_reference_rows_are_cached_by_model_code_and_settings(tmp_path):
     assert len(files) == 1
     again = quality.reference_row(MODEL_DIR, "red", cells, 4, evaluator, real, tmp_path, fresh=False)
     assert again[0] == first[0] and torch.equal(again[1], first[1])
-    quality.reference_row(MODEL_DIR, "red", cells, 5, evaluator, world_eval.real_images("red", 5), tmp_path, fresh=False)
+    quality.reference_row(MODEL_DIR, "red", cells, 5, evaluator, world_eval.real_images("red", 5), tmp_path,
+                          fresh=False)
     assert len(list((tmp_path / "quality_rows").iterdir())) == 2  # other settings, another entry
 
 

@@ -57,7 +57,8 @@ def build_tiny(folder, kind: str = "sd1", seed: int = 0) -> Path:
     from transformers import CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(folder / "_tok")
     if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_text_encoder(False), text_encoder_2=_text_encoder(True, seed=1),
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=_text_encoder(False),
+                                         text_encoder_2=_text_encoder(True, seed=1),
                                          tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched)
     else:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(False), tokenizer=tok, unet=unet,

@@ -48,7 +48,8 @@ class ForgetSet:
     def from_folder(cls, folder) -> "ForgetSet":
         folder = Path(folder)
         if not folder.is_dir():
-            raise VDUError(f"forget-image folder {folder} does not exist; pass --images DIR with pictures of the concept")
+            raise VDUError(f"forget-image folder {folder} does not exist; "
+                           "pass --images DIR with pictures of the concept")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise VDUError(f"no png/jpg/webp images in {folder}; add pictures of the concept or use --concept TEXT")
@@ -89,7 +90,8 @@ class ForgetSet:
         """Each image's caption, the concept prompt where it has none."""
         captions = [c or concept for c in self.captions]
         if not all(c.strip() for c in captions):
-            raise VDUError("some forget images have no .txt caption and no concept prompt was given; pass --concept TEXT")
+            raise VDUError("some forget images have no .txt caption and no concept prompt was given; "
+                           "pass --concept TEXT")
         return captions
 
     def pixels(self, resolution: int) -> torch.Tensor:

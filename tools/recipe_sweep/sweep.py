@@ -42,18 +42,22 @@ with torch.no_grad():
 lat = lat * vae.config.scaling_factor
 ch = tuple(int(c) for c in a.ch.split(","))
 if a.latent == 8:
-    kw = dict(sample_size=8, block_out_channels=ch, down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    kw = dict(sample_size=8, block_out_channels=ch, down_block_types=("CrossAttnDownBlock2D",) * 2,
+              up_block_types=("CrossAttnUpBlock2D",) * 2)
 else:
-    kw = dict(sample_size=16, block_out_channels=ch, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    kw = dict(sample_size=16, block_out_channels=ch,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
 torch.manual_seed(0)
-unet = UNet2DConditionModel(in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16, **kw).to(dev)
+unet = UNet2DConditionModel(in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64,
+                            attention_head_dim=8, norm_num_groups=16, **kw).to(dev)
 text = build_text_encoder(len(tok)).to(dev)
 ema = copy.deepcopy(unet).requires_grad_(False)
 sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=a.pred)
 ac = sched.alphas_cumprod.to(dev)
-ids = tok([s.caption for s in samples], padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(dev)
+ids = tok([s.caption for s in samples], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+          return_tensors="pt").input_ids.to(dev)
 empty = tok([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids.to(dev)
 params = list(unet.parameters()) + list(text.parameters())
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
