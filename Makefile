@@ -28,6 +28,13 @@ test: setup
 	if [ $$rc -eq 3 ]; then echo "ComfyUI tests not run: no ComfyUI checkout (set COMFYUI_PATH, or fetch Comfy-Org/ComfyUI)"; \
 	elif [ $$rc -ne 0 ]; then echo "tools/setup_comfy.sh failed ($$rc)"; exit $$rc; \
 	else COMFYUI_PATH=$$COMFY .venv-comfy/bin/python -m pytest -q $(COMFY_TESTS); fi
+	@# The WebUI suites: each WebUI's own code in its own venv (.venv-a1111, .venv-forge: transformers 4.x
+	@# and its gradio), against a checkout tools/setup_webui.sh extracts; without sources they say so.
+	@for W in a1111 forge; do VAR=$$(echo $$W | tr a-z A-Z)_PATH; \
+	OUT=$$(tools/setup_webui.sh $$W); rc=$$?; DIR=$$(echo "$$OUT" | tail -n 1); \
+	if [ $$rc -eq 3 ]; then echo "$$W tests not run: no $$W checkout (set $$VAR, or fetch its sources)"; \
+	elif [ $$rc -ne 0 ]; then echo "tools/setup_webui.sh $$W failed ($$rc)"; exit $$rc; \
+	else env $$VAR=$$DIR .venv-$$W/bin/python -m pytest -q tests/webui/test_$$W.py || exit 1; fi; done
 
 bench-quality: setup
 	$(PY) -m benchmarks.quality --out out/quality

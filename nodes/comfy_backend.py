@@ -14,67 +14,75 @@ MODEL, shared with every other branch of the graph, must never change.
 from __future__ import annotations
 
 import copy
-from typing import List
 
 import torch
-from torch import nn
 
-from ..vdu_engine.backend import (AdaptTarget, Backend, Cond, NoiseSchedule, UNET_BLOCKS, weights_fingerprint,
-                                  whole_word_vocabulary)
+from ..vdu_engine.backend import Backend, Cond, NoiseSchedule, whole_word_vocabulary
 from ..vdu_engine.errors import VDUError
-from ..vdu_engine.memory import checkpoint_blocks
+from ..vdu_engine.ldm_backend import LDMUNetBackend
 
 CONTEXT_TOKENS = 77
 
 
-def _diffusers_names(unet_config) -> dict:
-    """ComfyUI (LDM) module path → diffusers module path, for the UNet's weights."""
-    import comfy.utils
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
+def _diffusers_names(mapping) -> dict:
+    """LDM module path → diffusers module path, from a `unet_to_diffusers` weight map (ComfyUI's, or
+    the copy Forge keeps in backend/misc/diffusers_state_dict.py)."""
     return {ldm[:-len(".weight")]: diff[:-len(".weight")] for diff, ldm in mapping.items() if diff.endswith(".weight")}
 
 
-class ComfyBackend(Backend):
+class ComfyStyleBackend(LDMUNetBackend):
+    """What ComfyUI and Forge share: a ComfyUI-style diffusion model (LDM layout, a σ schedule, a
+    `unet_to_diffusers` map), trained on a private copy. Subclasses bring text and images."""
+
+    def _adopt_unet(self, diffusion_model, sigmas, prediction: str, mapping: dict, is_sdxl: bool, device, dtype):
+        """Copy the loaded diffusion model (normal tensors: hosts build models in inference mode;
+        and the host's model must never change), read its schedule, size and layer names."""
+        self.is_sdxl, self.device, self.dtype = is_sdxl, device, dtype
+        with torch.inference_mode(False):
+            self.unet = copy.deepcopy(diffusion_model).requires_grad_(False)
+        self.unet.to(self.device)
+        if prediction not in ("epsilon", "v_prediction"):
+            raise VDUError(f"unsupported prediction type {prediction}; use an epsilon or v-prediction model")
+        sigmas = sigmas.detach().float().cpu()
+        self.schedule = NoiseSchedule((1.0 / (1.0 + sigmas ** 2)).clone(), prediction)
+        context_dim = next((m.in_features for n, m in self.unet.named_modules()
+                            if n.endswith("attn2.to_k") and self._is_layer(m)), None)
+        self.base_model_version = "sdxl_base_v1-0" if is_sdxl else ("sd_v2" if context_dim == 1024 else "sd_v1")
+        self.resolution = 1024 if is_sdxl else (768 if prediction == "v_prediction" else 512)
+        self._names = _diffusers_names(mapping)
+        self._hash = None
+
+
+class ComfyBackend(ComfyStyleBackend):
+    # The fixes the engine's nan/inf errors name (Backend.fixes), in ComfyUI's words: its launch flags
+    # (comfy/cli_args.py) choose each part's dtype, and the Unlearn node's inputs are the run's settings.
+    fixes = {
+        **Backend.fixes,  # a part added there later still gets an (engine-worded) fix here
+        "vae": "launch ComfyUI with --fp32-vae, or load a fixed VAE such as sdxl-vae-fp16-fix with a Load VAE node",
+        "text_encoder": "launch ComfyUI with --fp32-text-enc",
+        "unet": "launch ComfyUI with --fp32-unet",
+        "fisher": "launch ComfyUI with --fp32-unet, or set prior to isotropic",
+        "lr": "lower learning_rate",
+    }
+
     def __init__(self, model, clip, vae):
         import comfy.model_base
         import comfy.model_management as mm
+        import comfy.utils
         base = model.model
         if not isinstance(base, (comfy.model_base.BaseModel,)) or getattr(base, "diffusion_model", None) is None:
             raise VDUError("this MODEL is not a Stable Diffusion UNet; load an SD 1.x, SD 2.x or SDXL checkpoint")
         kind = type(base).__name__
         if kind not in ("BaseModel", "SD21UNCLIP", "SDXL") or base.model_config.unet_config.get("in_channels", 4) != 4:
             raise VDUError(f"unsupported model type {kind}; vdu-unlearn handles SD 1.x, SD 2.x and SDXL checkpoints")
-        self.is_sdxl = kind == "SDXL"
         self.clip, self.vae, self.base = clip, vae, base
         self.latent_format = base.latent_format
         patcher = model.clone()
         mm.load_models_gpu([patcher], force_full_load=True)  # applies the MODEL's own patches
-        self.device = patcher.load_device
-        with torch.inference_mode(False):
-            self.unet = copy.deepcopy(base.diffusion_model).requires_grad_(False)  # normal tensors
-        self.dtype = base.manual_cast_dtype or base.get_dtype()
-        self.unet.to(self.device)
-        sigmas = base.model_sampling.sigmas.detach().float().cpu()
-        prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(base.model_type.name)
-        if prediction is None:
-            raise VDUError(f"unsupported prediction type {base.model_type.name}; use an epsilon or v-prediction model")
-        self.schedule = NoiseSchedule((1.0 / (1.0 + sigmas ** 2)).clone(), prediction)
-        context_dim = base.model_config.unet_config.get("context_dim")
-        self.base_model_version = "sdxl_base_v1-0" if self.is_sdxl else ("sd_v2" if context_dim == 1024 else "sd_v1")
-        self.resolution = 1024 if self.is_sdxl else (768 if prediction == "v_prediction" else 512)
-        self._names = _diffusers_names(base.model_config.unet_config)
-        self._hash = None
-
-    @property
-    def model_hash(self) -> str:
-        if self._hash is None:
-            self._hash = weights_fingerprint([self.unet])
-        return self._hash
-
-    def denoise(self, x_t, t, cond: Cond):
-        extra = {"y": cond["y"].to(self.device, self.dtype)} if "y" in cond else {}
-        return self.unet(x_t.to(self.device, self.dtype), t.to(self.device).float(),
-                         context=cond["context"].to(self.device, self.dtype), **extra)
+        prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(base.model_type.name, base.model_type.name)
+        self._adopt_unet(base.diffusion_model, base.model_sampling.sigmas, prediction,
+                         comfy.utils.unet_to_diffusers(base.model_config.unet_config), kind == "SDXL",
+                         patcher.load_device, base.manual_cast_dtype or base.get_dtype())
 
     def encode_text(self, prompts) -> Cond:
         ctx, pooled = [], []
@@ -110,23 +118,5 @@ class ComfyBackend(Backend):
         img = img.reshape(-1, *img.shape[-3:])  # some VAEs add a frame dimension
         return img.permute(0, 3, 1, 2).float().clamp(0, 1)
 
-    def targets(self) -> List[AdaptTarget]:
-        out = []
-        for path, m in self.unet.named_modules():
-            diff = self._names.get(path, "")
-            # the same layer set as the diffusers backend: the down, mid and up blocks
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and diff.split(".")[0] in UNET_BLOCKS:
-                out.append(AdaptTarget("lora_unet_" + diff.replace(".", "_"), "unet", diff, m))
-        return out
-
-    def checkpoint_blocks(self) -> List[nn.Module]:
-        return checkpoint_blocks(self.unet)
-
     # encoder_modules: none. ComfyUI's model management already moves CLIP and the VAE off the
     # GPU when the UNet needs the memory.
-
-    def parameters(self) -> List[nn.Parameter]:
-        return list(self.unet.parameters())
-
-    def target_weights_from(self, path, keys):
-        raise VDUError("the ensemble prior is not available in ComfyUI yet; use prior fisher or isotropic")

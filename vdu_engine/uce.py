@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
-from torch import nn
 
 from .backend import AdaptTarget, Backend
 from .errors import VDUError
@@ -148,7 +147,8 @@ def uce_edit(backend: Backend, targets: List[AdaptTarget], erase_prompts: List[s
                        "and needs every prompt padded to the same length")
     dim = erase.shape[-1]
     for t in chosen:
-        if not isinstance(t.module, nn.Linear) or t.module.in_features != dim:
+        # duck-typed: Forge's Linear (backend/operations.py) has in_features and a weight but is no nn.Linear
+        if getattr(t.module, "in_features", None) != dim or getattr(t.module, "weight", None) is None:
             raise VDUError(f"{t.key} does not read the {dim}-wide text context; pass this model's own targets")
 
     maps: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # one solve per compute device

@@ -1,0 +1,149 @@
+"""The extension inside Forge's own code, in-process, on the CPU.
+
+Forge starts as its webui.py would start it without serving pages: initialize.imports() and
+initialize.initialize() (its real paths, options store in a temporary --data-dir, extension
+list, script loader, sd_forge_lora) with `--always-cpu --all-in-fp32`, and loads a checkpoint
+through its own loader (forge_loader, huggingface_guess detects SD 1.5; sd15_shaped.py: SD 1.5's
+widths on two levels). Replaced, in every test: the gradio launch (tabs are built by calling
+Forge's ui_tabs_callback, handlers called as gradio would call them; main_entry's
+refresh_model_loading_parameters, which the UI's checkpoint menu calls, is called directly) and
+device selection (the flags above). Run with .venv-forge/bin/python and FORGE_PATH (`make test`).
+"""
+
+import importlib.metadata
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from webui_harness import (BAD_INPUTS, check_bad_input_refused, check_interrupt_writes_nothing, forget_folder,
+                           install_extension, registered, require, tab_args)
+
+FORGE = require("FORGE_PATH", "gradio")
+ARGS = ["--always-cpu", "--all-in-fp32", "--skip-torch-cuda-test", "--skip-version-check",
+        "--no-download-sd-model", "--skip-load-model-at-start"]
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    work = tmp_path_factory.mktemp("forge")
+    os.environ.update(HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                      GRADIO_ANALYTICS_ENABLED="False")
+    data, lora = work / "data", work / "data" / "models" / "Lora"
+    ext = install_extension(data / "extensions")
+    ckpt = data / "models" / "Stable-diffusion" / "tiny_sd15.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    sys.argv = ["webui.py", *ARGS, "--data-dir", str(data), "--ckpt", str(ckpt), "--lora-dir", str(lora)]
+    os.chdir(FORGE)
+    sys.path.insert(0, str(FORGE))
+    from modules import paths  # noqa: F401  (puts huggingface_guess on sys.path)
+    from sd15_shaped import with_diffusers
+    with_diffusers(ckpt)
+    from modules import initialize
+    initialize.imports()
+    initialize.initialize()
+    from modules import script_callbacks
+    script_callbacks.before_ui_callback()  # as webui.py does next: the Lora extension registers <lora:…>
+    from modules import sd_models, shared
+    from modules_forge import main_entry
+    main_entry.refresh_model_loading_parameters()
+    sd_models.forge_model_reload()
+    assert shared.sd_model.is_sd1
+    return SimpleNamespace(shared=shared, lora=lora, ext=ext, work=work)
+
+
+@pytest.fixture(scope="module")
+def tab(webui):
+    from modules import script_callbacks
+    tabs = {elem_id: (blocks, title) for blocks, title, elem_id in script_callbacks.ui_tabs_callback()}
+    assert "vdu_unlearn" in tabs, f"no Unlearn tab among {sorted(tabs)}"
+    return SimpleNamespace(blocks=tabs["vdu_unlearn"][0], title=tabs["vdu_unlearn"][1],
+                           module=sys.modules["vdu_unlearn.vdu_webui.tab"])
+
+
+def unet_weights(shared) -> dict:
+    return shared.sd_model.forge_objects_original.unet.model.diffusion_model.state_dict()
+
+
+def txt2img(shared, prompt: str, seed: int = 7) -> np.ndarray:
+    """One image through Forge's own pipeline (processing, its sampler, sd_forge_lora)."""
+    from modules import processing
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, prompt=prompt, negative_prompt="", seed=seed, steps=2, width=64, height=64,
+        sampler_name="Euler", scheduler="Automatic", cfg_scale=5.0, do_not_save_samples=True, do_not_save_grid=True)
+    return np.asarray(processing.process_images(p).images[0])
+
+
+def test_the_script_loads_and_registers_the_unlearn_tab(webui, tab):
+    from modules import scripts
+    assert any(s.path.endswith("vdu_unlearn_tab.py") for s in scripts.list_scripts("scripts", ".py"))
+    assert tab.title == "Unlearn"
+    assert registered(tab.blocks, "train") and registered(tab.blocks, "interrupt")
+
+
+def test_a_run_from_the_tab_writes_the_lora_and_leaves_the_model_as_it_was(webui, tab, tmp_path):
+    """UNet weights and a txt2img image (same seed, prompt) bit-identical after the run."""
+    from safetensors import safe_open
+    before = {k: v.clone() for k, v in unet_weights(webui.shared).items()}
+    image = txt2img(webui.shared, "a red circle")
+    t0 = time.perf_counter()
+    args = tab_args(tab.module, folder=str(forget_folder(tmp_path)))
+    gallery, curve, message = registered(tab.blocks, "train")(*args)
+    print(f"tab run: {time.perf_counter() - t0:.1f} s")
+    assert "saved" in message and "forget-red.safetensors" in message, message
+    assert len(gallery) == 4 and curve is not None
+    with safe_open(str(webui.lora / "forget-red.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and meta["ss_base_model_version"] == "sd_v1"
+    after = unet_weights(webui.shared)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert np.array_equal(image, txt2img(webui.shared, "a red circle"))
+
+
+def test_forges_lora_loader_matches_every_key_and_applies_it(webui, tab, capfd):
+    """sd_forge_lora's load_lora_for_models (backend/patcher/lora.py's key maps): no unmatched key,
+    none skipped. `<lora:forget-red:1>` patches exactly up @ down · alpha/rank into that layer for
+    the generation (a 3-step LoRA on a random model moves a 64-px image by less than 8-bit
+    rounding, so weights are compared, not images); a generation without it restores them."""
+    from backend.utils import get_attr, load_torch_file
+    networks = sys.modules["networks"]
+    engine = webui.shared.sd_model
+    sd = load_torch_file(str(webui.lora / "forget-red.safetensors"), safe_load=True)
+    networks.load_lora_for_models(engine.forge_objects_original.unet, engine.forge_objects_original.clip, sd,
+                                  1.0, 1.0, filename="forget-red")
+    printed = capfd.readouterr().out
+    assert f"with {len(sd) // 3} keys" in printed and "(skipped 0 keys)" in printed, printed
+    assert "unmatched" not in printed and "mismatch" not in printed.lower(), printed
+    unet = engine.forge_objects_original.unet.model.diffusion_model
+    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    up, down, alpha = sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"], float(sd[f"{key}.alpha"])
+    w0 = get_attr(unet, name).detach().clone()
+    networks.list_available_networks()  # the Lora tab's refresh
+    plain = txt2img(webui.shared, "a red circle")
+    txt2img(webui.shared, "a red circle <lora:forget-red:1>")
+    torch.testing.assert_close(get_attr(unet, name).detach() - w0, up @ down * alpha / up.shape[1],
+                               rtol=1e-3, atol=1e-6)
+    assert np.array_equal(plain, txt2img(webui.shared, "a red circle"))
+    assert torch.equal(get_attr(unet, name).detach(), w0)
+
+
+def test_interrupt_mid_run_writes_nothing(webui, tab, tmp_path):
+    check_interrupt_writes_nothing(webui, tab, tmp_path)
+
+
+@pytest.mark.parametrize("values, words", BAD_INPUTS)
+def test_bad_input_gives_a_message_and_no_file(webui, tab, tmp_path, values, words):
+    check_bad_input_refused(webui, tab, tmp_path, values, words)
+
+
+def test_install_py_run_by_forges_installer_keeps_torch(webui, capfd):
+    from modules import launch_utils
+    torch_before = importlib.metadata.version("torch")
+    launch_utils.run_extension_installer(str(webui.ext))
+    assert "[vdu-unlearn] all requirements present" in capfd.readouterr().out
+    assert importlib.metadata.version("torch") == torch_before
