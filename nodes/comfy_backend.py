@@ -84,6 +84,13 @@ class ComfyBackend(ComfyStyleBackend):
                          comfy.utils.unet_to_diffusers(base.model_config.unet_config), kind == "SDXL",
                          patcher.load_device, base.manual_cast_dtype or base.get_dtype())
 
+    def denoise(self, x_t, t, cond: Cond):
+        # Cancel stops the run at the next UNet call, set-up included (image generation, the pools of
+        # frozen predictions), as ComfyUI's own samplers check at every step.
+        import comfy.model_management as mm
+        mm.throw_exception_if_processing_interrupted()
+        return super().denoise(x_t, t, cond)
+
     def encode_text(self, prompts) -> Cond:
         ctx, pooled = [], []
         for p in prompts:
