@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfy_harness import import_comfy
+from lora_keys import ARCHS, committed_keys, kohya_lora, ldm_unet_state_dict, unet_keys
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,43 @@ def test_unlearn_through_comfy_loads_back_and_leaves_the_model_alone(comfy_model
         patched, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0.0)
     assert "lora key not loaded" not in caplog.text
     assert len(patched.patches) == len(result.lora) // 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_size_keys_are_the_committed_ones_and_comfys_lora_loader_takes_them_all(arch, caplog, monkeypatch):
+    """Cross-host LoRAs, ComfyUI's half (the list: tests/lora_keys.py). ComfyUI reads a full-size SD 1.5 /
+    SDXL checkpoint's shapes (model_detection, as load_checkpoint_guess_config does) and builds its UNet on
+    meta; ComfyBackend on that MODEL — its own __init__, with load_models_gpu, which only moves weights, made a
+    no-op — offers exactly the committed keys and shapes, so a LoRA made in ComfyUI has the keys of one made
+    in A1111, Forge or diffusers. ComfyUI's own loader (comfy.sd.load_lora_for_models: model_lora_keys_unet,
+    load_lora, add_patches) takes the engine's LoRA of every committed key, each onto the layer it trains."""
+    import importlib
+    pack = import_comfy()
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    sd = ldm_unet_state_dict(arch)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    assert type(config).__name__ == {"sd15": "SD15", "sdxl": "SDXL"}[arch]
+    config.set_inference_dtype(torch.float32, None)
+    meta = torch.device("meta")
+    model = comfy.model_patcher.ModelPatcher(config.get_model(sd, prefix, device=meta), load_device=meta,
+                                             offload_device=meta)
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: None)
+    b = importlib.import_module(f"{pack.__name__}.nodes.comfy_backend").ComfyBackend(model, None, None)
+    targets = b.targets()
+    committed = committed_keys(arch)
+    assert unet_keys(targets) == committed
+    lora = kohya_lora(targets)
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = {id(m): n for n, m in b.unet.named_modules()}  # the backend's private copy: same paths
+    assert {t.key: key_map.get(t.key) for t in targets} == {
+        t.key: f"diffusion_model.{names[id(t.module)]}.weight" for t in targets}
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text, caplog.text[:2000]
+    assert set(patched.patches) == set(key_map[k] for k in committed)

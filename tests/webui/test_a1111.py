@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from lora_keys import ARCHS, committed_keys, kohya_lora, unet_keys
 from webui_harness import (BAD_INPUTS, check_bad_input_refused, check_interrupt_writes_nothing, forget_folder,
-                           install_extension, registered, require, tab_args)
+                           install_extension, pack_module, registered, require, tab_args)
 
 A1111 = require("A1111_PATH", "gradio")
 SD_ARGS = ["--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test",
@@ -30,18 +31,27 @@ SD_ARGS = ["--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch
 
 
 @pytest.fixture(scope="module")
-def webui(tmp_path_factory):
+def a1111_paths(tmp_path_factory):
+    """A1111's command line and import paths (its modules, ldm, sgm), set as webui.py sets them before
+    anything else, without initialising the WebUI: cheap, for tests that need only A1111's classes. Every
+    test of the module shares it, so modules.paths reads this --data-dir whichever test comes first."""
     work = tmp_path_factory.mktemp("a1111")
     os.environ.update(HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                       GRADIO_ANALYTICS_ENABLED="False")
     data, lora = work / "data", work / "data" / "models" / "Lora"
-    ext = install_extension(data / "extensions")
     ckpt = data / "models" / "Stable-diffusion" / "tiny_sd15.safetensors"
-    ckpt.parent.mkdir(parents=True)
     sys.argv = ["webui.py", *SD_ARGS, "--data-dir", str(data), "--ckpt", str(ckpt), "--lora-dir", str(lora)]
     os.chdir(A1111)
     sys.path.insert(0, str(A1111))
     from modules import paths  # noqa: F401  (puts ldm and sgm on sys.path)
+    return SimpleNamespace(work=work, data=data, lora=lora, ckpt=ckpt)
+
+
+@pytest.fixture(scope="module")
+def webui(a1111_paths):
+    work, data, lora, ckpt = a1111_paths.work, a1111_paths.data, a1111_paths.lora, a1111_paths.ckpt
+    ext = install_extension(data / "extensions")
+    ckpt.parent.mkdir(parents=True)
     from sd15_shaped import clip_l_hub_cache, with_ldm
     clip_l_hub_cache(work / "hf")
     with_ldm(ckpt, A1111)
@@ -147,22 +157,30 @@ def test_install_py_run_by_a1111s_installer_keeps_torch(webui, capfd):
     assert importlib.metadata.version("torch") == torch_before
 
 
+CONFIG_DIRS = {"v1-inference.yaml": A1111 / "configs",
+               "v2-inference-v.yaml": A1111 / "repositories" / "stable-diffusion-stability-ai" / "configs"
+               / "stable-diffusion",
+               "sd_xl_base.yaml": A1111 / "repositories" / "generative-models" / "configs" / "inference"}
+ARCH_CONFIGS = {"sd15": "v1-inference.yaml", "sdxl": "sd_xl_base.yaml"}
+
+
+def full_size_unet(config: str):
+    """The full-size UNet of one of A1111's model configs (ldm's, or sgm's for SDXL), on the meta device."""
+    import yaml
+    from ldm.util import instantiate_from_config
+    params = yaml.safe_load((CONFIG_DIRS[config] / config).read_text())["model"]["params"]
+    with torch.device("meta"):
+        return instantiate_from_config(params.get("unet_config") or params["network_config"])
+
+
 @pytest.mark.parametrize("config", ["v1-inference.yaml", "v2-inference-v.yaml", "sd_xl_base.yaml"])
 def test_full_size_unets_every_layer_maps_to_a1111s_names(webui, config):
     """Real SD 1.5 / 2.x / SDXL UNets from their own configs, on the meta device (no memory): every
     Linear and Conv2d the backend offers maps, through A1111's key conversion, onto its own layer.
     SDXL: A1111 assumes SD 1.5's up_blocks.0 (no attention), so that one upsampler does not map."""
-    import yaml
-    from ldm.util import instantiate_from_config
-    from vdu_unlearn.vdu_engine.ldm_backend import ldm_to_diffusers_names
+    ldm_to_diffusers_names = pack_module("vdu_engine.ldm_backend").ldm_to_diffusers_names
     networks = sys.modules["networks"]
-    files = {"v1-inference.yaml": A1111 / "configs", "sd_xl_base.yaml": A1111 / "repositories" / "generative-models"
-             / "configs" / "inference", "v2-inference-v.yaml": A1111 / "repositories" / "stable-diffusion-stability-ai"
-             / "configs" / "stable-diffusion"}
-    params = yaml.safe_load((files[config] / config).read_text())["model"]["params"]
-    unet_config = params.get("unet_config") or params["network_config"]
-    with torch.device("meta"):
-        unet = instantiate_from_config(unet_config)
+    unet = full_size_unet(config)
     names, layers = ldm_to_diffusers_names(unet), dict(unet.named_modules())
     missed = []
     for ldm, diff in names.items():
@@ -172,3 +190,62 @@ def test_full_size_unets_every_layer_maps_to_a1111s_names(webui, config):
             if compvis != "diffusion_model_" + ldm.replace(".", "_"):
                 missed.append(diff)
     assert missed == (["up_blocks.0.upsamplers.0.conv"] if config == "sd_xl_base.yaml" else [])
+
+
+def _full_size_sd_model(arch: str):
+    """What A1111 holds as shared.sd_model, for a full-size SD 1.5 / SDXL checkpoint, reduced to what the LDM
+    backend and the Lora extension read: `model.diffusion_model` (the UNet from A1111's own config, on meta,
+    inside a module as ldm's DiffusionWrapper holds it), the noise schedule, the text side left empty."""
+    wrapper = torch.nn.Module()
+    wrapper.diffusion_model = full_size_unet(ARCH_CONFIGS[arch])
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    model = SimpleNamespace(model=wrapper, alphas_cumprod=torch.cumprod(1 - betas, 0), parameterization="eps",
+                            is_sdxl=arch == "sdxl", cond_stage_model=torch.nn.Module())
+    if arch == "sdxl":
+        model.conditioner = SimpleNamespace(embedders=[])
+    return model
+
+
+def _ldm_backend(model):
+    return pack_module("vdu_engine.ldm_backend").LDMBackend(model, encode_prompts=lambda prompts: None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_size_ldm_backend_gives_the_committed_keys(a1111_paths, arch):
+    """Cross-host LoRAs, A1111's first half (the list: tests/lora_keys.py): the LDM backend on a full-size
+    SD 1.5 / SDXL UNet from A1111's own configs (ldm's and sgm's classes, on meta) offers exactly the
+    committed keys and shapes, so a LoRA made in A1111 has the keys of one made in ComfyUI, Forge or diffusers.
+    No WebUI start: only A1111's paths (a1111_paths), for ldm and sgm."""
+    assert unet_keys(_ldm_backend(_full_size_sd_model(arch)).targets()) == committed_keys(arch)
+
+
+# Committed keys A1111's Lora extension does not match: its diffusers → compvis key conversion assumes SD 1.5's
+# up_blocks.0 (no attention, so the upsampler at output_blocks.2.1); SDXL's up_blocks.0 has attention and its
+# upsampler sits at output_blocks.2.2. That one layer of an SDXL LoRA is skipped by A1111 (silently, at debug level).
+A1111_UNMATCHED = {"sd15": [], "sdxl": ["lora_unet_up_blocks_0_upsamplers_0_conv"]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_lora_extension_matches_every_committed_key_on_full_size_models(webui, arch, tmp_path, monkeypatch):
+    """Cross-host LoRAs, A1111's second half: the engine's LoRA of every committed key, as a file, through the
+    Lora extension's own load_network with a full-size SD 1.5 / SDXL model (on meta) as shared.sd_model: every
+    key matches a layer (SDXL: all but A1111_UNMATCHED), and the layer each key matches is the one the LDM
+    backend trains under that key. So LoRAs made in ComfyUI, Forge or diffusers load in A1111 with every key."""
+    from safetensors.torch import save_file
+    from modules import sd_models
+    networks, network = sys.modules["networks"], sys.modules["network"]
+    model = _full_size_sd_model(arch)
+    targets = _ldm_backend(model).targets()
+    committed = committed_keys(arch)
+    assert unet_keys(targets) == committed
+    path = tmp_path / f"all-layers-{arch}.safetensors"
+    save_file(kohya_lora(targets), str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl"
+                                                        else "sd_v1", "ss_network_module": "networks.lora"})
+    # the getter of shared.sd_model reads model_data.sd_model; setting that leaves A1111's loaded-model list alone
+    monkeypatch.setattr(sd_models.model_data, "sd_model", model)
+    networks.assign_network_names_to_compvis_modules(model)
+    net = networks.load_network(path.stem, network.NetworkOnDisk(path.stem, str(path)))
+    matched = {m.network_key.split(".")[0]: m.sd_module for m in net.modules.values()}
+    assert len(matched) == len(net.modules)  # no two keys onto one layer
+    assert sorted(set(committed) - set(matched)) == A1111_UNMATCHED[arch] and set(matched) <= set(committed)
+    assert all(matched[t.key] is t.module for t in targets if t.key in matched)

@@ -11,6 +11,7 @@ device selection (the flags above). Run with .venv-forge/bin/python and FORGE_PA
 """
 
 import importlib.metadata
+import json
 import os
 import sys
 import time
@@ -20,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from lora_keys import ARCHS, committed_keys, kohya_lora, ldm_unet_state_dict, unet_keys
 from webui_harness import (BAD_INPUTS, check_bad_input_refused, check_interrupt_writes_nothing, forget_folder,
-                           install_extension, registered, require, tab_args)
+                           install_extension, pack_module, registered, require, tab_args)
 
 FORGE = require("FORGE_PATH", "gradio")
 ARGS = ["--always-cpu", "--all-in-fp32", "--skip-torch-cuda-test", "--skip-version-check",
@@ -147,3 +149,77 @@ def test_install_py_run_by_forges_installer_keeps_torch(webui, capfd):
     launch_utils.run_extension_installer(str(webui.ext))
     assert "[vdu-unlearn] all requirements present" in capfd.readouterr().out
     assert importlib.metadata.version("torch") == torch_before
+
+
+def _forge_backend_package():
+    """Forge's `backend` package without starting the WebUI: on sys.path as modules/paths.py puts it (with
+    huggingface_guess and packages_3rdparty), and this suite's flags (--always-cpu --all-in-fp32) in its args
+    before memory_management reads them at import."""
+    for path in (FORGE, FORGE / "repositories" / "huggingface_guess", FORGE / "packages_3rdparty"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    import backend.args
+    if "backend.memory_management" not in sys.modules:
+        vars(backend.args.args).update(vars(backend.args.parser.parse_known_args(ARGS)[0]))
+
+
+def _full_size_unet_patcher(arch: str, capfd):
+    """A full-size checkpoint's UNet as Forge's loader builds it (backend/loader.py), on the meta device:
+    huggingface_guess reads the architecture from the checkpoint's shapes, Forge's UNet class is built with
+    Forge's operations and loads the checkpoint's (meta) tensors, and UnetPatcher wraps it with the
+    predictor of the repo's scheduler config, as Forge's SD 1.5 / SDXL engines do."""
+    _forge_backend_package()
+    import diffusers
+    import huggingface_guess
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.operations import using_forge_operations
+    from backend.patcher.unet import UnetPatcher
+    from backend.state_dict import load_state_dict, try_filter_state_dict
+    sd = ldm_unet_state_dict(arch)
+    guess = huggingface_guess.guess(sd)
+    assert type(guess).__name__ == {"sd15": "SD15", "sdxl": "SDXL"}[arch]
+    meta = torch.device("meta")
+    with using_forge_operations(device=meta, dtype=torch.float32, manual_cast_enabled=False):
+        unet = IntegratedUNet2DConditionModel.from_config(guess.unet_config).to(device=meta, dtype=torch.float32)
+    capfd.readouterr()
+    load_state_dict(unet, try_filter_state_dict(sd, guess.unet_key_prefix))
+    printed = capfd.readouterr().out
+    assert "Missing" not in printed and "Unexpected" not in printed, printed  # the checkpoint fits Forge's UNet
+    unet._internal_dict = guess.unet_config
+    unet.storage_dtype = unet.computation_dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = meta
+    folder = FORGE / "backend" / "huggingface" / guess.huggingface_repo / "scheduler"
+    scheduler_cls = getattr(diffusers, json.loads((folder / "scheduler_config.json").read_text())["_class_name"])
+    return UnetPatcher.from_model(model=unet, diffusers_scheduler=scheduler_cls.from_pretrained(str(folder)),
+                                  config=guess)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_size_forge_backend_gives_the_committed_keys_and_forges_lora_loader_takes_them(arch, capfd,
+                                                                                            monkeypatch):
+    """Cross-host LoRAs, Forge's half (the list: tests/lora_keys.py). On a full-size SD 1.5 / SDXL UNet built
+    as Forge builds it (on meta): ForgeBackend(engine) — its own __init__, with load_model_gpu, which only moves
+    weights, made a no-op — offers exactly the committed keys and shapes, so a LoRA made in Forge has the keys
+    of one made in ComfyUI, A1111 or diffusers. Forge's own loader steps for a UNet LoRA (load_lora_for_models:
+    backend/patcher/lora.py's model_lora_keys_unet and load_lora, then the patcher's add_patches) take the
+    engine's LoRA of every committed key: none unmatched, none skipped, each onto the layer the backend trains."""
+    patcher = _full_size_unet_patcher(arch, capfd)
+    import backend.memory_management
+    from backend.patcher.lora import load_lora, model_lora_keys_unet
+    monkeypatch.setattr(backend.memory_management, "load_model_gpu", lambda *a, **k: None)
+    engine = SimpleNamespace(is_sd1=arch == "sd15", is_sd2=False, is_sdxl=arch == "sdxl", is_inpaint=False,
+                             forge_objects_original=SimpleNamespace(unet=patcher), get_learned_conditioning=None)
+    b = pack_module("vdu_webui.forge_backend").ForgeBackend(engine)
+    targets = b.targets()
+    committed = committed_keys(arch)
+    assert unet_keys(targets) == committed
+    lora = kohya_lora(targets)
+
+    key_map = model_lora_keys_unet(patcher.model)
+    patches, unmatched = load_lora(dict(lora), key_map)
+    assert unmatched == {}
+    names = {id(m): n for n, m in b.unet.named_modules()}  # the backend's private copy: same paths
+    assert {t.key: key_map.get(t.key) for t in targets} == {
+        t.key: f"diffusion_model.{names[id(t.module)]}.weight" for t in targets}
+    loaded = patcher.clone().add_patches(filename="all-layers", patches=patches, strength_patch=1.0)
+    assert len(patches) == len(committed) and set(loaded) == set(patches)

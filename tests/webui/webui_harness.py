@@ -3,9 +3,12 @@ registered handlers, the tab's inputs with test-sized values, and the checks bot
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,16 @@ def install_extension(extensions_dir: Path) -> Path:
     if not link.exists():
         link.symlink_to(PACK, target_is_directory=True)
     return link
+
+
+def pack_module(name: str):
+    """A module of the pack as the WebUI imports it, `vdu_unlearn.<name>`, without starting the WebUI:
+    the pack's folder registered as the package vdu_unlearn, as scripts/vdu_unlearn_tab.py does."""
+    if "vdu_unlearn" not in sys.modules:
+        pkg = types.ModuleType("vdu_unlearn")
+        pkg.__path__ = [str(PACK)]
+        sys.modules["vdu_unlearn"] = pkg
+    return importlib.import_module(f"vdu_unlearn.{name}")
 
 
 def forget_folder(path: Path, n: int = 4) -> Path:
