@@ -12,6 +12,9 @@ With `--gpu-full` (an NVIDIA GPU) it also builds full-size SD 1.5 and SDXL UNets
 and reports seconds per step, peak GPU memory per memory preset, model FLOPs utilisation against
 a measured bf16 matmul peak, and the projected time of a default run.
 Writes DIR/speed.json (`vdu_vs_lora_step_ratio` at the top), DIR/speed.md and DIR/speed_scaling.png.
+With `--vs-trainlora` (run in ComfyUI's venv, COMFYUI_PATH set) it measures only our Unlearn node
+beside ComfyUI's TrainLoraNode (benchmarks/comfy_side_by_side.py) and merges that into DIR/speed.json,
+with `comfy_vs_trainlora_step_ratio` and `comfy_vs_trainlora_peak_memory_ratio` at the top.
 """
 
 from __future__ import annotations
@@ -303,6 +306,9 @@ def markdown(report: dict) -> str:
         d = report["demo"]
         lines += [f"## The demo's run ({d['steps']} steps, {d['total_seconds']:.1f} s)", "",
                   "| phase | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in d["seconds"].items()] + [""]
+    if report.get("comfy_side_by_side"):
+        from benchmarks import comfy_side_by_side
+        lines.append(comfy_side_by_side.markdown(report["comfy_side_by_side"]))
     if report.get("gpu_full"):
         g = report["gpu_full"]
         lines += [f"## Full size on {g['device']} (bf16 matmul peak {g['bf16_matmul_peak_tflops']:.0f} TFLOP/s)", "",
@@ -319,6 +325,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def keep_side_by_side(path: Path, report: dict) -> dict:
+    """A new report keeps an earlier --vs-trainlora measurement in the same file (it needs another venv)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if "comfy_side_by_side" not in old:
+        return report
+    side = old["comfy_side_by_side"]
+    return {**{k: side[k] for k in ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")},
+            **report, "comfy_side_by_side": side}
+
+
+def merge_side_by_side(out: Path) -> None:
+    """The ComfyUI side-by-side, with its two ratios at the top of the existing report (if any)."""
+    from benchmarks import comfy_side_by_side
+    print("ComfyUI: Unlearn node beside TrainLoraNode", flush=True)
+    side = comfy_side_by_side.side_by_side()
+    path = out / "speed.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    ratios = {k: side[k] for k in ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")}
+    report = {**ratios, **{k: v for k, v in old.items() if k not in ratios}, "comfy_side_by_side": side}
+    path.write_text(json.dumps(report, indent=1))
+    (out / "speed.md").write_text(markdown(report) if "models" in report else comfy_side_by_side.markdown(side))
+    print(comfy_side_by_side.markdown(side))
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="out/speed")
@@ -327,6 +358,8 @@ def main(argv=None):
     p.add_argument("--gpu-full", action="store_true", help="also full-size SD 1.5 and SDXL on --device")
     p.add_argument("--device", default="cuda", help="device of --gpu-full")
     p.add_argument("--gpu-kinds", nargs="+", default=["sd15", "sdxl"], help=argparse.SUPPRESS)
+    p.add_argument("--vs-trainlora", action="store_true",
+                   help="only our Unlearn node beside ComfyUI's TrainLoraNode, merged into DIR/speed.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -334,6 +367,8 @@ def main(argv=None):
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.vs_trainlora:
+        return merge_side_by_side(out)
     cache = tempfile.mkdtemp(prefix="vdu-speed-")
     rounds, steps = (1, 3) if args.quick else (args.rounds, 4)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -363,6 +398,7 @@ def main(argv=None):
     if args.gpu_full:
         print(f"full-size models on {args.device}", flush=True)
         report["gpu_full"] = gpu_full(args.gpu_kinds, args.device, 3 if args.quick else 6, 1 if args.quick else 4)
+    report = keep_side_by_side(out / "speed.json", report)
     (out / "speed.json").write_text(json.dumps(report, indent=1))
     (out / "speed.md").write_text(markdown(report))
     write_plot(report["scaling"], out / "speed_scaling.png")

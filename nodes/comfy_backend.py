@@ -5,10 +5,14 @@ sqrt(1 − ᾱ) ε with integer timesteps, and the network's own ε or v output.
 `apply_model` works in σ-space; x_t is exactly its scaled input, so calling the UNet directly
 skips two conversions that would cancel.)
 
-Training runs on a private copy of the diffusion model, made after ComfyUI has loaded the MODEL
-with any LoRAs already applied to it. Two reasons: ComfyUI builds models inside inference mode,
-so their weights are inference tensors that autograd cannot save for backward; and the user's
-MODEL, shared with every other branch of the graph, must never change.
+In ComfyUI, training runs on the MODEL's own diffusion model, loaded through a clone of its
+ModelPatcher (so any LoRAs already applied to it are applied, as for sampling): one UNet on the
+device, as ComfyUI's own TrainLoraNode holds. The deltas ride on forward hooks, removed after the
+run, and the weights are never written, so the MODEL every other branch of the graph shares stays
+bit-identical. One thing does change: ComfyUI loads weights inside inference mode, as inference
+tensors, which autograd cannot save for backward; each is replaced once by an ordinary tensor with
+the same values (`_trainable_weights`), which ComfyUI's sampling and patching treat alike.
+(Forge, which shares `ComfyStyleBackend`, still trains on a private copy.)
 """
 
 from __future__ import annotations
@@ -30,17 +34,32 @@ def _diffusers_names(mapping) -> dict:
     return {ldm[:-len(".weight")]: diff[:-len(".weight")] for diff, ldm in mapping.items() if diff.endswith(".weight")}
 
 
+def _trainable_weights(module: torch.nn.Module) -> bool:
+    """Replace each inference-tensor parameter by an ordinary tensor with the same values and flags,
+    one at a time (so at most one extra weight is held). Returns True."""
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+    return True
+
+
 class ComfyStyleBackend(LDMUNetBackend):
     """What ComfyUI and Forge share: a ComfyUI-style diffusion model (LDM layout, a σ schedule, a
     `unet_to_diffusers` map), trained on a private copy. Subclasses bring text and images."""
 
-    def _adopt_unet(self, diffusion_model, sigmas, prediction: str, mapping: dict, is_sdxl: bool, device, dtype):
-        """Copy the loaded diffusion model (normal tensors: hosts build models in inference mode;
-        and the host's model must never change), read its schedule, size and layer names."""
+    def _adopt_unet(self, diffusion_model, sigmas, prediction: str, mapping: dict, is_sdxl: bool, device, dtype,
+                    private_copy: bool = True):
+        """Take the loaded diffusion model (`private_copy`: a copy of it, in normal tensors, so that
+        the host's model can never change), read its schedule, size and layer names."""
         self.is_sdxl, self.device, self.dtype = is_sdxl, device, dtype
-        with torch.inference_mode(False):
-            self.unet = copy.deepcopy(diffusion_model).requires_grad_(False)
-        self.unet.to(self.device)
+        if private_copy:
+            with torch.inference_mode(False):
+                self.unet = copy.deepcopy(diffusion_model).requires_grad_(False)
+            self.unet.to(self.device)
+        else:
+            self.unet = diffusion_model
         if prediction not in ("epsilon", "v_prediction"):
             raise VDUError(f"unsupported prediction type {prediction}; use an epsilon or v-prediction model")
         sigmas = sigmas.detach().float().cpu()
@@ -77,18 +96,33 @@ class ComfyBackend(ComfyStyleBackend):
             raise VDUError(f"unsupported model type {kind}; vdu-unlearn handles SD 1.x, SD 2.x and SDXL checkpoints")
         self.clip, self.vae, self.base = clip, vae, base
         self.latent_format = base.latent_format
-        patcher = model.clone()
-        mm.load_models_gpu([patcher], force_full_load=True)  # applies the MODEL's own patches
+        self.patcher = model.clone()
         prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(base.model_type.name, base.model_type.name)
         self._adopt_unet(base.diffusion_model, base.model_sampling.sigmas, prediction,
                          comfy.utils.unet_to_diffusers(base.model_config.unet_config), kind == "SDXL",
-                         patcher.load_device, base.manual_cast_dtype or base.get_dtype())
+                         self.patcher.load_device, base.manual_cast_dtype or base.get_dtype(), private_copy=False)
+        self._ensure_loaded()
+
+    def _ensure_loaded(self):
+        """The MODEL fully loaded on its device with its own patches, in trainable weights. ComfyUI
+        may move it off the device to make room while the run encodes with CLIP or the VAE, and
+        (re)loading it in inference mode brings inference tensors back."""
+        import comfy.model_management as mm
+        m, p = self.patcher.model, self.patcher
+        if not m.model_lowvram and m.current_weight_patches_uuid == p.patches_uuid and m.device == p.load_device \
+                and self._trainable:
+            return
+        mm.load_models_gpu([p], force_full_load=True)  # applies the MODEL's own patches, as sampling does
+        self._trainable = _trainable_weights(self.unet)
+
+    _trainable = False
 
     def denoise(self, x_t, t, cond: Cond):
         # Cancel stops the run at the next UNet call, set-up included (image generation, the pools of
         # frozen predictions), as ComfyUI's own samplers check at every step.
         import comfy.model_management as mm
         mm.throw_exception_if_processing_interrupted()
+        self._ensure_loaded()
         return super().denoise(x_t, t, cond)
 
     def encode_text(self, prompts) -> Cond:

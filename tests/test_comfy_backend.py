@@ -13,7 +13,7 @@ from lora_keys import ARCHS, committed_keys, kohya_lora, ldm_unet_state_dict, un
 def comfy_models(tmp_path_factory):
     import_comfy()
     import comfy.sd
-    from comfy_checkpoint import write_checkpoint
+    from benchmarks.comfy_checkpoint import write_checkpoint
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors"
     unet = write_checkpoint(path)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
@@ -83,6 +83,39 @@ def test_unlearn_through_comfy_loads_back_and_leaves_the_model_alone(comfy_model
     assert len(patched.patches) == len(result.lora) // 3
 
 
+def test_one_unet_the_models_own_and_every_branch_of_the_graph_sees_it_unchanged(comfy_models, tmp_path):
+    """Issue 16: the run trains on the MODEL's own diffusion model (no second UNet), its weights
+    become ordinary tensors of the same values (ComfyUI loads them as inference tensors, which
+    autograd cannot save), and after a run the MODEL — and a clone another branch of the graph
+    holds — predicts bit for bit what it predicted before."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from vdu_engine import UnlearnConfig, unlearn
+    with torch.inference_mode():  # as ComfyUI's checkpoint loader node runs
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_models["path"]), output_vae=True,
+                                                                 output_clip=True)[:3]
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
+    other_branch = model.clone()
+    g = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn((1, 4, 8, 8), generator=g), torch.tensor([2.0])
+    ctx = torch.randn((1, 77, 768), generator=g)
+
+    def predict(patcher):
+        mm.load_models_gpu([patcher])
+        with torch.inference_mode():
+            return patcher.model.apply_model(x, sigma, c_crossattn=ctx).clone()
+    before = predict(model)
+    b = _backend({"model": model, "clip": clip, "vae": vae})
+    assert b.unet is model.model.diffusion_model
+    assert not any(p.is_inference() for p in b.unet.parameters())
+    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2,
+                        prior="isotropic", resolution=64, lr=1e-2, cache_dir=str(tmp_path))
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        unlearn(b, cfg)
+    assert not any(m._forward_hooks for m in b.unet.modules())
+    assert torch.equal(predict(model), before) and torch.equal(predict(other_branch), before)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_size_keys_are_the_committed_ones_and_comfys_lora_loader_takes_them_all(arch, caplog, monkeypatch):
     """Cross-host LoRAs, ComfyUI's half (the list: tests/lora_keys.py). ComfyUI reads a full-size SD 1.5 /
@@ -114,7 +147,7 @@ def test_full_size_keys_are_the_committed_ones_and_comfys_lora_loader_takes_them
     lora = kohya_lora(targets)
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    names = {id(m): n for n, m in b.unet.named_modules()}  # the backend's private copy: same paths
+    names = {id(m): n for n, m in b.unet.named_modules()}  # the MODEL's own modules
     assert {t.key: key_map.get(t.key) for t in targets} == {
         t.key: f"diffusion_model.{names[id(t.module)]}.weight" for t in targets}
     with caplog.at_level(logging.WARNING):

@@ -24,7 +24,7 @@ def server(tmp_path_factory):
     comfy_path()  # skips with the reason when ComfyUI is absent
     from comfy_harness import import_comfy
     import_comfy()
-    from comfy_checkpoint import write_checkpoint
+    from benchmarks.comfy_checkpoint import write_checkpoint
     base = tmp_path_factory.mktemp("comfy")
     srv = ComfyServer(base)
     write_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
