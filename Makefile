@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 demo: setup
 	$(PY) -m benchmarks.demo --out out/demo
 
-COMFY_TESTS := tests/test_comfy_backend.py tests/test_comfy_workflows.py
+COMFY_TESTS := tests/test_comfy_backend.py tests/test_comfy_workflows.py tests/test_comfy_side_by_side.py
 
 # The engine suite runs in .venv (CPU torch 2.13). The ComfyUI suite needs torchvision, so it runs
 # in .venv-comfy against a ComfyUI checkout that tools/setup_comfy.sh prepares; without one it
@@ -39,8 +39,14 @@ test: setup
 bench-quality: setup
 	$(PY) -m benchmarks.quality --out out/quality
 
+# The engine's numbers in .venv; then, where a ComfyUI can be had, the Unlearn node beside ComfyUI's
+# TrainLoraNode in .venv-comfy, merged into the same speed.json.
 bench-speed: setup
 	$(PY) -m benchmarks.speed --out out/speed
+	@OUT=$$(tools/setup_comfy.sh); rc=$$?; COMFY=$$(echo "$$OUT" | tail -n 1); \
+	if [ $$rc -eq 3 ]; then echo "side-by-side with TrainLoraNode not run: no ComfyUI checkout"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; \
+	else COMFYUI_PATH=$$COMFY .venv-comfy/bin/python -m benchmarks.speed --vs-trainlora --out out/speed; fi
 
 clean:
 	rm -rf out .pytest_cache

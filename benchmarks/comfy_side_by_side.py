@@ -161,8 +161,8 @@ def side_by_side(settings: dict = SETTINGS) -> dict:
 def markdown(report: dict) -> str:
     s = report["settings"]
     memory = "peak GPU memory allocated" if report["device"] == "cuda" else "peak RSS"
-    lines = [f"## In ComfyUI, beside TrainLoraNode ({report['device']}; SD 1.5-shaped checkpoint, {s['resolution']} px, "
-             f"batch {s['batch']}, rank {s['rank']}, {s['steps']} steps, fp32)", "",
+    lines = [f"## In ComfyUI, beside TrainLoraNode ({report['device']}; SD 1.5-shaped checkpoint, "
+             f"{s['resolution']} px, batch {s['batch']}, rank {s['rank']}, {s['steps']} steps, fp32)", "",
              f"| node | s / step | {memory} above the loaded checkpoint (MB) |", "|---|---|---|"]
     lines += [f"| {name} | {r['seconds_per_step']:.3f} | {r['peak_mb']:.0f} |" for name, r in report["rows"].items()]
     lines += ["", f"Unlearn (default) / TrainLoraNode: step {report['comfy_vs_trainlora_step_ratio']:.2f} ×, "

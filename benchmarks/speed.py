@@ -335,18 +335,18 @@ def keep_side_by_side(path: Path, report: dict) -> dict:
             **report, "comfy_side_by_side": side}
 
 
-def merge_side_by_side(out: Path) -> None:
+def merge_side_by_side(out: Path, quick: bool = False) -> None:
     """The ComfyUI side-by-side, with its two ratios at the top of the existing report (if any)."""
-    from benchmarks import comfy_side_by_side
+    from benchmarks import comfy_side_by_side as sbs
     print("ComfyUI: Unlearn node beside TrainLoraNode", flush=True)
-    side = comfy_side_by_side.side_by_side()
+    side = sbs.side_by_side(dict(sbs.SETTINGS, steps=3, n_images=4, resolution=64) if quick else sbs.SETTINGS)
     path = out / "speed.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     ratios = {k: side[k] for k in ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")}
     report = {**ratios, **{k: v for k, v in old.items() if k not in ratios}, "comfy_side_by_side": side}
     path.write_text(json.dumps(report, indent=1))
-    (out / "speed.md").write_text(markdown(report) if "models" in report else comfy_side_by_side.markdown(side))
-    print(comfy_side_by_side.markdown(side))
+    (out / "speed.md").write_text(markdown(report) if "models" in report else sbs.markdown(side))
+    print(sbs.markdown(side))
     print(f"wrote {path}")
 
 
@@ -368,7 +368,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.vs_trainlora:
-        return merge_side_by_side(out)
+        return merge_side_by_side(out, args.quick)
     cache = tempfile.mkdtemp(prefix="vdu-speed-")
     rounds, steps = (1, 3) if args.quick else (args.rounds, 4)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "

@@ -47,7 +47,7 @@ def _trainable_weights(module: torch.nn.Module) -> bool:
 
 class ComfyStyleBackend(LDMUNetBackend):
     """What ComfyUI and Forge share: a ComfyUI-style diffusion model (LDM layout, a σ schedule, a
-    `unet_to_diffusers` map), trained on a private copy. Subclasses bring text and images."""
+    `unet_to_diffusers` map). Subclasses bring text and images, and choose whether to copy the UNet."""
 
     def _adopt_unet(self, diffusion_model, sigmas, prediction: str, mapping: dict, is_sdxl: bool, device, dtype,
                     private_copy: bool = True):

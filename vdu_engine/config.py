@@ -55,7 +55,7 @@ class UnlearnConfig:
         'prompts of what the Fisher prior preserves ("" = unconditional; none given = chosen automatically)'})
     keep: List[str] = field(default_factory=list, metadata={"help":
         'words whose images must not change, e.g. "orange" when forgetting "red"'})
-    replay: float = field(default=30.0, metadata={"help":
+    replay: float = field(default=10.0, metadata={"help":
         "weight of the penalty on drift of the model's own predictions on replayed images (0 = off)"})
     replay_batch: int = field(default=0, metadata={"help":
         "replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)"})
@@ -77,7 +77,7 @@ class UnlearnConfig:
         "uce: ridge weight holding the edited projections near the loaded ones"})
     variational: bool = field(default=False, metadata={"help":
         "learn a mean-field Gaussian posterior over the LoRA factors (the saved LoRA is its mean)"})
-    bound: float = field(default=3.0, metadata={"help":
+    bound: float = field(default=2.0, metadata={"help":
         "plasticity bound: a sample's error is capped at bound x the frozen model's error at its timestep"})
     stop_when_bounded: float = field(default=0.9, metadata={"help":
         "stop once this share of samples sits at the bound (0 = never stop early)"})
