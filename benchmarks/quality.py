@@ -218,8 +218,8 @@ def markdown(report) -> str:
              f"this run took {report.get('seconds_this_run', 0) / 60:.1f} min.", ""]
     for concept, rows in report["concepts"].items():
         lines += [f"### Forgetting `{concept}`", "",
-                  "| model | forget ↓ | synonyms ↓ | content kept ↑ | blank / noise | neighbour ↑ | retain ↑ | u-FID ↓ "
-                  "| seconds | steps |",
+                  "| model | forget ↓ | synonyms ↓ | content kept ↑ | blank / noise | neighbour ↑ | retain ↑ "
+                  "| u-FID ↓ | seconds | steps |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(f"| {name} | {r['forget_rate']:.1%} | {r['synonym_forget_rate']:.1%} "

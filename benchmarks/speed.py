@@ -325,14 +325,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+RATIOS = ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")
+
+
+def with_side_by_side(report: dict, side: dict) -> dict:
+    """The report with the side-by-side's two ratios at its top and its rows at its end."""
+    rest = {k: v for k, v in report.items() if k not in RATIOS and k != "comfy_side_by_side"}
+    return {**{k: side[k] for k in RATIOS}, **rest, "comfy_side_by_side": side}
+
+
 def keep_side_by_side(path: Path, report: dict) -> dict:
     """A new report keeps an earlier --vs-trainlora measurement in the same file (it needs another venv)."""
     old = json.loads(path.read_text()) if path.exists() else {}
-    if "comfy_side_by_side" not in old:
-        return report
-    side = old["comfy_side_by_side"]
-    return {**{k: side[k] for k in ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")},
-            **report, "comfy_side_by_side": side}
+    return with_side_by_side(report, old["comfy_side_by_side"]) if "comfy_side_by_side" in old else report
 
 
 def merge_side_by_side(out: Path, quick: bool = False) -> None:
@@ -341,9 +346,7 @@ def merge_side_by_side(out: Path, quick: bool = False) -> None:
     print("ComfyUI: Unlearn node beside TrainLoraNode", flush=True)
     side = sbs.side_by_side(dict(sbs.SETTINGS, steps=3, n_images=4, resolution=64) if quick else sbs.SETTINGS)
     path = out / "speed.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    ratios = {k: side[k] for k in ("comfy_vs_trainlora_step_ratio", "comfy_vs_trainlora_peak_memory_ratio")}
-    report = {**ratios, **{k: v for k, v in old.items() if k not in ratios}, "comfy_side_by_side": side}
+    report = with_side_by_side(json.loads(path.read_text()) if path.exists() else {}, side)
     path.write_text(json.dumps(report, indent=1))
     (out / "speed.md").write_text(markdown(report) if "models" in report else sbs.markdown(side))
     print(sbs.markdown(side))

@@ -34,15 +34,14 @@ def _diffusers_names(mapping) -> dict:
     return {ldm[:-len(".weight")]: diff[:-len(".weight")] for diff, ldm in mapping.items() if diff.endswith(".weight")}
 
 
-def _trainable_weights(module: torch.nn.Module) -> bool:
+def _trainable_weights(module: torch.nn.Module) -> None:
     """Replace each inference-tensor parameter by an ordinary tensor with the same values and flags,
-    one at a time (so at most one extra weight is held). Returns True."""
+    one at a time (so at most one extra weight is held)."""
     with torch.inference_mode(False), torch.no_grad():
         for m in module.modules():
             for name, p in m._parameters.items():
                 if p is not None and p.is_inference():
                     m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
-    return True
 
 
 class ComfyStyleBackend(LDMUNetBackend):
@@ -113,9 +112,10 @@ class ComfyBackend(ComfyStyleBackend):
                 and self._trainable:
             return
         mm.load_models_gpu([p], force_full_load=True)  # applies the MODEL's own patches, as sampling does
-        self._trainable = _trainable_weights(self.unet)
+        _trainable_weights(self.unet)
+        self._trainable = True
 
-    _trainable = False
+    _trainable = False  # set once the weights are ordinary tensors; a reload may bring inference ones back
 
     def denoise(self, x_t, t, cond: Cond):
         # Cancel stops the run at the next UNet call, set-up included (image generation, the pools of

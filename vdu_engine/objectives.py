@@ -32,12 +32,13 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
              gamma: float, n_forget: int, plasticity: float) -> torch.Tensor:
     """Variational Diffusion Unlearning (Panda et al., TMLR 2026, eq. of the objective):
 
-        L(θ) = γ · Σ_i (θ_i − μ*_i)² / (2 σ*_i²)  −  (1 − γ) · Σ_{x ∈ D_f} Σ_t C_t ‖ε − ε_θ(x_t, t, c)‖²
-               └── stability regularizer ──┘        └────────── plasticity inducer ──────────┘
+        L(θ) = γ · Σ_i (θ_i − μ*_i)² / (2 σ*_i²)                 (stability regularizer)
+               − (1 − γ) · Σ_{x ∈ D_f} Σ_t C_t ‖ε − ε_θ(x_t, t, c)‖²   (plasticity inducer)
 
     as computed here, with D_f's sum estimated from the batch (N = |D_f| × the batch mean):
 
-        L(θ) = γ · S(θ)  +  (1 − γ) · N · E[ ‖ε_θ(x_t, c) − ε_dest‖²  −  λ · min(‖ε − ε_θ(x_t, c)‖², b_t) ]
+        L(θ) = γ · S(θ)  +  (1 − γ) · N · E[ ‖ε_θ(x_t, c) − ε_dest‖²
+                                               −  λ · min(‖ε − ε_θ(x_t, c)‖², b_t) ]
 
     - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
       function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
