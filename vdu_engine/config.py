@@ -59,9 +59,12 @@ class UnlearnConfig:
         "weight of the penalty on drift of the model's own predictions on replayed images (0 = off)"})
     replay_batch: int = field(default=0, metadata={"help":
         "replayed images per step, in the same forward pass as the forget batch (0 = --batch-size)"})
-    destination: float = field(default=0.0, metadata={"help":
-        "weight of the destination term, which pulls the concept towards --destination-mode's target "
-        "(0 = off, which forgets fastest)"})
+    destination: float = field(default=1.0, metadata={"help":
+        "weight of the destination term, which pulls the concept towards --destination-mode's target, so that "
+        "its prompts still draw the rest of what they ask for (0 = off)"})
+    destination_check: bool = field(default=True, metadata={"help":
+        "before training, draw a few images of the captions without the concept and drop the destination "
+        "if the model still draws the concept there (its default when the word is missing)"})
     destination_mode: str = field(default="remove", metadata={"help":
         "target of the destination term: remove (the caption without the concept) | "
         "neighbours (the mean of the nearest words)"})

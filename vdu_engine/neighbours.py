@@ -111,3 +111,34 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
         out.ratios[w] = _distance(named_pred, swapped) / max(removed, 1e-12)
         (out.synonyms if out.ratios[w] < SYNONYM_RATIO else out.neighbours).append(w)
     return out
+
+
+# The destination is dropped when the concept's caption explains more than half of the destination's
+# images better than its neighbours do: a majority vote, not a fit.
+SHOWS_CONCEPT_SHARE = 0.5
+
+
+@torch.no_grad()
+def concept_share(backend: Backend, latents: torch.Tensor, captions: List[str], concept: str,
+                  neighbours: List[str], seed: int, m: int = 8) -> float:
+    """The share of images (scaled latents, one per caption) in which the frozen model, used as a
+    diffusion classifier (Li et al., ICCV 2023), sees the concept: the caption c naming it explains
+    the image better, by the denoising error over m shared noisy versions, than the median of its
+    neighbours' captions c_w does. Images of "a circle" made by a model that draws circles red read
+    as red (c explains them better than "an orange circle" and "a green circle"); images of "a red"
+    drawn as red squares do not read as circles (worse than "a red square")."""
+    pattern = word_pattern([concept])
+    g = torch.Generator().manual_seed(seed + 7)
+    T = backend.schedule.num_train_timesteps
+    x0 = latents.repeat_interleave(m, 0).to(backend.device, backend.dtype)
+    t = torch.randint(T // 10, T, (len(x0),), generator=g).to(backend.device)
+    eps = torch.randn(x0.shape, generator=g).to(x0)
+    x_t, target = backend.schedule.add_noise(x0, eps, t), backend.schedule.target(x0, eps, t)
+
+    def error(prompts: List[str]) -> torch.Tensor:
+        pred = _predict(backend, x_t, t, backend.encode_text([p for p in prompts for _ in range(m)]))
+        return (pred - target.float()).pow(2).flatten(1).mean(1).view(len(prompts), m).mean(1)
+
+    named = error(captions)
+    swapped = torch.stack([error([pattern.sub(w, c) for c in captions]) for w in neighbours])
+    return (named < swapped.median(0).values).float().mean().item()

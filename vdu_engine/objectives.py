@@ -157,7 +157,7 @@ class VDU(Objective):
         super().__init__(run)
         cfg = run.cfg
         self.goal = guided_away(self.pool.frozen(run, run.destination_prompt), self.pool.frozen_named(run),
-                                cfg.anchor_guidance) if cfg.destination > 0 else None
+                                cfg.anchor_guidance) if run.destination_in_use() else None
         self.prior = run.prior()
         self.profile = run.bound_profile() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
