@@ -54,3 +54,27 @@ def test_preservation_prompts_take_synonyms_out_and_neighbours_in():
     got = fisher_prompts(UnlearnConfig(concept="red"), caps, neighbours=["orange"], synonyms=["crimson"])
     assert got == ["", "a circle", "a orange circle"]
     assert without("a Red circle", word_pattern(["red"])) == "a circle"
+
+
+def test_the_destination_check_drops_a_destination_that_still_draws_the_concept():
+    """On the mini model, whose every training caption names a colour, a caption with its colour
+    taken out falls back on red: "a large circle" is drawn red, so red's destination (the caption
+    without red) would hold red in place and is dropped; a caption with its shape taken out ("a
+    large blue on a grey background") is drawn as a blue square, so circle's destination is kept.
+    The check is the frozen model's own diffusion classifier, on images it draws before training."""
+    from benchmarks import world_eval
+    from miniworld import MODEL_DIR
+    from vdu_engine import DiffusersBackend
+    from vdu_engine.train import Run, frozen, _destination_note
+    b = DiffusersBackend.load(MODEL_DIR, device="cpu")
+    kept = {}
+    for concept in ("red", "circle"):
+        cfg = UnlearnConfig(concept=concept, fisher_samples=4).validate()
+        with torch.inference_mode(False), frozen(b):
+            run = Run(b, cfg).setup(world_eval.forget_images(concept, 8))
+            kept[concept] = (run.destination_in_use(), run.destination_share, _destination_note(run))
+        assert run.vicinity.neighbours, concept
+    assert kept["red"][0] is False and kept["red"][1] > 0.5 and kept["red"][2].startswith("false")
+    assert kept["circle"][0] is True and kept["circle"][1] <= 0.5 and kept["circle"][2].startswith("true")
+    off = Run(b, UnlearnConfig(concept="red", destination_check=False).validate())  # no setup needed: no check
+    assert off.destination_in_use() and _destination_note(off) == "true"  # unchecked: the weight decides
