@@ -49,7 +49,8 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
     - the destination (`destination`, ‖ε_θ − ε_dest‖² per sample) says where the lowered likelihood
       goes: ε_dest = ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)), what the frozen model predicts for the
       caption without the concept, guided away from it. The inducer alone drives the forget prompts
-      to noise; with a destination they still draw the rest of what they ask for.
+      to noise; with a destination they still draw the rest of what they ask for. It is dropped when
+      the frozen model still draws the concept for c⁻ (`train.Run.destination_in_use`).
     """
     forget = destination - plasticity * torch.minimum(err, bound)
     return gamma * stability + (1 - gamma) * n_forget * forget.mean()
