@@ -139,6 +139,9 @@ def main(argv=None):
     p.add_argument("--no-retrained", action="store_true",
                    help="skip the retrained reference (training it takes 25 min per concept with both cores free)")
     p.add_argument("--keep-row", action="store_true", help="add a VDU row with the neighbour named in --keep")
+    p.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                   help='measure only these rows (e.g. "vdu (prompt)"), keeping the other rows of the report '
+                        "already in --out; the grid then shows the reference rows and these")
     p.add_argument("--cache", default=str(ROOT / "cache"))
     p.add_argument("--fresh", action="store_true",
                    help="measure the original and retrained models again, not from the cache")
@@ -155,9 +158,11 @@ def main(argv=None):
         old = json.loads(previous.read_text())
         if all(old.get(k) == report[k] for k in ("samples_per_cell", "training_seeds", "baseline_seeds")):
             report["concepts"].update(old["concepts"])
+            report["baseline_grids"] = old.get("baseline_grids", {})
     for concept in args.concepts:
         real = world_eval.real_images(concept, args.samples)
         rows, grid_rows, labels = {}, [], []
+        kept = report["concepts"].get(concept, {}) if args.only else {}
 
         cells = grid_cells(concept)
 
@@ -178,6 +183,8 @@ def main(argv=None):
             record(name, metrics, 0.0, 0, grid_row)
         grids, grid_images = {}, {}
         for name, objective, n_images, extra, group in runs(concept, args.forget_images, args.keep_row):
+            if args.only and name not in args.only:
+                continue
             forget = world_eval.forget_images(concept, n_images) if n_images else None
             networks, steps, t0 = [], 0, time.time()
             seeds = args.seeds if objective == "vdu" else args.baseline_seeds
@@ -202,8 +209,9 @@ def main(argv=None):
             best = best_of(grid)
             record(f"{best} (best of {len(grid)})", grid[best], grid[best]["seconds"], grid[best]["steps"],
                    grid_images[best])
-        report["concepts"][concept] = rows
-        report.setdefault("baseline_grids", {})[concept] = grids
+        report["concepts"][concept] = {**kept, **rows} if args.only else rows
+        if not args.only:
+            report.setdefault("baseline_grids", {})[concept] = grids
         to_pil_grid(grid_rows, labels, [f"{c.colour} {c.shape}" for c in cells]).save(out / f"grid_{concept}.png")
     report["seconds_this_run"] = round(time.time() - t_run, 1)
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -110,6 +110,17 @@ def test_one_quick_benchmark_cell(tmp_path):
     for r in rows.values():
         assert set(quality.KEYS) <= set(r) and 0 <= r["forget_rate"] <= 1
     assert (tmp_path / "quality.md").exists() and (tmp_path / "grid_red.png").exists()
+    # --only re-measures the rows it names and keeps the rest of the report, baselines and their grids
+    before = json.loads((tmp_path / "quality.json").read_text())
+    quality.main(["--out", str(tmp_path), "--concepts", "red", "--samples", "8", "--forget-images", "8",
+                  "--steps", "1", "--seeds", "2", "--no-retrained", "--cache", str(tmp_path / "cache"),
+                  "--only", "vdu (prompt)"])
+    after = json.loads((tmp_path / "quality.json").read_text())
+    assert list(after["concepts"]["red"]) == list(rows)
+    assert after["concepts"]["red"]["vdu (prompt)"]["steps"] == 1  # measured again, at the new setting
+    assert {k: v for k, v in after["concepts"]["red"].items() if k != "vdu (prompt)"} == \
+        {k: v for k, v in before["concepts"]["red"].items() if k != "vdu (prompt)"}
+    assert after["baseline_grids"] == before["baseline_grids"]
 
 
 def test_demo_writes_its_lora_grid_and_numbers(tmp_path, capsys):

@@ -76,7 +76,8 @@ def test_unet_inf_names_the_unet_and_its_precision(objective, images, part, back
     real = backend.denoise
     backend.denoise = lambda x, t, c: real(x, t, c) * float("inf")
     forget = ForgetSet.from_folder(red_images) if images else None
-    message = stops(backend, fast_config(objective=objective, prior="isotropic", neighbours=0), forget)
+    # destination 0: the destination's pool would be made (and checked) before the bound profile
+    message = stops(backend, fast_config(objective=objective, prior="isotropic", neighbours=0, destination=0.0), forget)
     assert message.startswith(part) and "--dtype float32 --precision fp32" in message
 
 
