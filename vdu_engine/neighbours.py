@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .backend import Backend, cond_index
+from .objectives import denoising_error
 
 # A synonym moves the prediction less than a fifth as far as removing the concept does. On the mini
 # model the two kinds lie far apart (synonyms 0.001-0.004, every other word 0.38 or more), so the
@@ -137,7 +138,7 @@ def concept_share(backend: Backend, latents: torch.Tensor, captions: List[str], 
 
     def error(prompts: List[str]) -> torch.Tensor:
         pred = _predict(backend, x_t, t, backend.encode_text([p for p in prompts for _ in range(m)]))
-        return (pred - target.float()).pow(2).flatten(1).mean(1).view(len(prompts), m).mean(1)
+        return denoising_error(pred, target).view(len(prompts), m).mean(1)
 
     named = error(captions)
     swapped = torch.stack([error([pattern.sub(w, c) for c in captions]) for w in neighbours])

@@ -431,6 +431,7 @@ def _closed_form(run: Run) -> UnlearnResult:
     meta = {**_metadata(run, 0), "vdu_uce_truncation_error_max": f"{worst:.4g}"}
     return UnlearnResult(result.network.kohya_state_dict(), meta, [], run.timings, result.network)
 
+
 def _destination_note(run: Run) -> str:
     """What became of the destination: "true", "false", or why the check dropped it."""
     if run.destination_share is None:
