@@ -161,20 +161,57 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
     torch.testing.assert_close(sum(h / 2 for h in halves), with_replay - without, rtol=1e-4, atol=1e-6)
 
 
-def test_destination_is_the_frozen_caption_without_the_concept_guided_away_from_it(tiny_sd1):
-    """ε_dest = ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)) with c⁻ the caption without the concept,
-    against the frozen model evaluated by hand on the pool's rows; a caption that does not name the
-    concept ("red" alone) goes to the unconditional prompt."""
+def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt_on_its_own_images(tiny_sd1):
+    """The destination by hand: the frozen model draws images for the captions with the concept
+    taken out ("a red circle" → "a circle"; "red" alone → the unconditional prompt); on noisy
+    versions of them the goal is ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)), and the loss adds
+    destination · (1 − γ) · N · E‖ε_θ(x_t, c) − goal‖² over the step's destination rows."""
     from vdu_engine.objectives import VDU
+    from vdu_engine.sampling import ddim_latents
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
-    run = _vdu_run(b, destination=1.0, anchor_guidance=2.0, replay=0.0)
-    assert [run.destination_prompt(i) for i in range(3)] == ["a circle", "a small square", ""]
+    run = _vdu_run(b, destination=2.0, anchor_guidance=2.0, replay=0.0, gamma=0.5)
     obj = VDU(run)
-    rows = torch.arange(6)
-    caps = [run.all_captions[i] for i in obj.pool.caption[rows].tolist()]
+    dest, pool = run.destination, obj.dest
+    removed = {"a red circle": "a circle", "a small red square": "a small square", "red": ""}
+    assert dest.mode == "remove" and dest.share is None  # no neighbours: nothing to check against
+    assert dest.prompts == [removed[run.all_captions[s]] for s in dest.sources]
+    assert set(dest.prompts) == {"a circle", "a small square", ""}
     with torch.no_grad():
-        x_t, t = obj.pool.x_t[rows], obj.pool.t[rows]
+        again = ddim_latents(b, dest.prompts, 20_000, 2, run.cfg.guidance, run.resolution)
+    torch.testing.assert_close(dest.latents, again, rtol=1e-4, atol=1e-4)
+    rows = torch.arange(6)
+    caps = [run.all_captions[i] for i in pool.caption[rows].tolist()]
+    with torch.no_grad():
+        x_t, t = pool.x_t[rows], pool.t[rows]
         named = b.denoise(x_t, t, b.encode_text(caps))
-        removed = b.denoise(x_t, t, b.encode_text([{"a red circle": "a circle", "a small red square": "a small square",
-                                                    "red": ""}[c] for c in caps]))
-    torch.testing.assert_close(obj.goal[rows], removed - 2.0 * (named - removed), rtol=1e-4, atol=1e-5)
+        toward = b.denoise(x_t, t, b.encode_text([removed[c] for c in caps]))
+    torch.testing.assert_close(obj.goal[rows], toward - 2.0 * (named - toward), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the term in the loss, with a non-zero delta
+        for layer in run.network.layers.values():
+            layer.up.normal_(0, 0.1)
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    with run.network.attached(), torch.no_grad():
+        total = obj.loss(batch, slice(0, 2))[0]
+        obj.dest = None
+        without_dest = obj.loss(batch, slice(0, 2))[0]
+        obj.dest = pool
+        d = batch["dest"]
+        adapted = b.denoise(pool.x_t[d], pool.t[d], b.encode_text([run.all_captions[i] for i in pool.caption[d]]))
+    hand = ((adapted - obj.goal[d]) ** 2).flatten(1).mean(1).mean()
+    assert hand > 0
+    torch.testing.assert_close(total - without_dest, 0.5 * 3 * 2.0 * hand, rtol=1e-4, atol=1e-6)
+
+
+def test_neighbour_destinations_give_each_caption_one_neighbour():
+    """In neighbours mode each caption takes one neighbour in the concept's place, always the same
+    one (several neighbours' predictions for one caption would average into none of them)."""
+    from types import SimpleNamespace
+    from vdu_engine.config import UnlearnConfig
+    from vdu_engine.destination import destination_prompts
+    from vdu_engine.neighbours import word_pattern
+    run = SimpleNamespace(all_captions=["a red circle", "a small red square", "a red one"],
+                          concept_words=word_pattern(["red"]), cfg=UnlearnConfig(concept="red"),
+                          vicinity=SimpleNamespace(neighbours=["orange", "blue"]))
+    got = destination_prompts(run, [0, 1, 2, 0, 1], "neighbours")
+    assert got == ["a orange circle", "a small blue square", "a orange one", "a orange circle", "a small blue square"]
+    assert destination_prompts(run, [0, 1], "remove") == ["a circle", "a small square"]

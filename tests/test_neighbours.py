@@ -65,16 +65,19 @@ def test_the_destination_check_drops_a_destination_that_still_draws_the_concept(
     from benchmarks import world_eval
     from miniworld import MODEL_DIR
     from vdu_engine import DiffusersBackend
-    from vdu_engine.train import Run, frozen, _destination_note
+    from vdu_engine.destination import note, plan
+    from vdu_engine.train import Run, frozen
     b = DiffusersBackend.load(MODEL_DIR, device="cpu")
-    kept = {}
-    for concept in ("red", "circle"):
-        cfg = UnlearnConfig(concept=concept, fisher_samples=4).validate()
+    found = {}
+    for concept, check in (("red", True), ("circle", True), ("red", False)):
+        cfg = UnlearnConfig(concept=concept, fisher_samples=4, destination_check=check).validate()
         with torch.inference_mode(False), frozen(b):
             run = Run(b, cfg).setup(world_eval.forget_images(concept, 8))
-            kept[concept] = (run.destination_in_use(), run.destination_share, _destination_note(run))
+            dest = plan(run)
+        found[concept, check] = (dest.mode, dest.share, note(dest, 1.0), dest.latents)
         assert run.vicinity.neighbours, concept
-    assert kept["red"][0] is False and kept["red"][1] > 0.5 and kept["red"][2].startswith("false")
-    assert kept["circle"][0] is True and kept["circle"][1] <= 0.5 and kept["circle"][2].startswith("true")
-    off = Run(b, UnlearnConfig(concept="red", destination_check=False).validate())  # no setup needed: no check
-    assert off.destination_in_use() and _destination_note(off) == "true"  # unchecked: the weight decides
+    red, circle, unchecked = found["red", True], found["circle", True], found["red", False]
+    assert red[0] == "dropped" and red[1] > 0.5 and red[2].startswith("false") and red[3] is None
+    assert circle[0] == "remove" and circle[1] <= 0.5 and circle[2].startswith("the caption without") \
+        and len(circle[3]) == 32
+    assert unchecked[0] == "remove" and unchecked[1] is None  # unchecked: the caption without the concept

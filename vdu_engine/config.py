@@ -63,11 +63,12 @@ class UnlearnConfig:
         "weight of the destination term, which pulls the concept towards --destination-mode's target, so that "
         "its prompts still draw the rest of what they ask for (0 = off)"})
     destination_check: bool = field(default=True, metadata={"help":
-        "before training, draw a few images of the captions without the concept and drop the destination "
-        "if the model still draws the concept there (its default when the word is missing)"})
-    destination_mode: str = field(default="remove", metadata={"help":
-        "target of the destination term: remove (the caption without the concept) | "
-        "neighbours (the mean of the nearest words)"})
+        "auto mode: check that the model no longer draws the concept for its captions with the concept taken "
+        "out (off: always take it out)"})
+    destination_mode: str = field(default="auto", metadata={"help":
+        "what the concept's prompts draw instead: remove (the caption without the concept) | neighbours (the "
+        "caption with a nearby concept in its place) | auto (remove, or neighbours where the model still draws "
+        "the concept without its word)"})
     anchor_guidance: float = field(default=1.0, metadata={"help":
         "strength of the destination's negative guidance"})
     plasticity: float = field(default=1.0, metadata={"help":
@@ -172,8 +173,8 @@ class UnlearnConfig:
             bad("keep", "kept concepts take the concept's place in the captions; pass --concept TEXT too")
         if any(not k.strip() for k in self.keep):
             bad("keep", "an empty concept to keep; give words such as --keep orange")
-        if self.destination_mode not in ("remove", "neighbours"):
-            bad("destination_mode", f"{self.destination_mode!r} is not one of remove, neighbours")
+        if self.destination_mode not in ("auto", "remove", "neighbours"):
+            bad("destination_mode", f"{self.destination_mode!r} is not one of auto, remove, neighbours")
         if not float(self.destination) >= 0 or not float(self.plasticity) >= 0:
             bad("destination", "the destination and plasticity weights must be 0 (off) or positive")
         if int(self.neighbours) < 0:

@@ -37,20 +37,21 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
 
     as computed here, with D_f's sum estimated from the batch (N = |D_f| × the batch mean):
 
-        L(θ) = γ · S(θ)  +  (1 − γ) · N · E[ ‖ε_θ(x_t, c) − ε_dest‖²
-                                               −  λ · min(‖ε − ε_θ(x_t, c)‖², b_t) ]
+        L(θ) = γ · S(θ)  +  (1 − γ) · N · ( w_d · E_d ‖ε_θ(x^d_t, c) − ε_dest‖²
+                                             −  λ · E_f min(‖ε − ε_θ(x_t, c)‖², b_t) )
 
     - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
       function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
       preservation prompts (`VDU`), which the diagonal prior alone misses.
     - the plasticity inducer (`err`, weight λ = `plasticity`) lowers the likelihood of the forget
-      images under c; each sample's error is capped at b_t (`bound`, a multiple of the frozen
+      images x under c; each sample's error is capped at b_t (`bound`, a multiple of the frozen
       model's own error at t), past which it gives no gradient: the paper's term is unbounded below.
-    - the destination (`destination`, ‖ε_θ − ε_dest‖² per sample) says where the lowered likelihood
-      goes: ε_dest = ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)), what the frozen model predicts for the
-      caption without the concept, guided away from it. The inducer alone drives the forget prompts
-      to noise; with a destination they still draw the rest of what they ask for. It is dropped when
-      the frozen model still draws the concept for c⁻ (`train.Run.destination_in_use`).
+    - the destination (`destination`: w_d × the mean of ‖ε_θ − ε_dest‖² over the destination's rows) says
+      where the lowered likelihood goes. On the frozen model's own images x^d for destination prompts
+      c_d (destination.py: the caption without the concept, or with a neighbour in its place), the
+      caption c naming the concept is pulled to ε_dest = ε*(x^d_t, c_d) − η (ε*(x^d_t, c) − ε*(x^d_t, c_d)),
+      the destination prompt's prediction guided away from the concept. The inducer alone drives the
+      forget prompts to noise; with a destination they draw the rest of what they ask for.
     """
     forget = destination - plasticity * torch.minimum(err, bound)
     return gamma * stability + (1 - gamma) * n_forget * forget.mean()
@@ -99,15 +100,14 @@ class Objective:
     def should_stop(self, ema: Dict[str, float]) -> bool:
         return False
 
-    def _forward(self, rows, extra=None):
-        """ε_θ on pool rows (and, riding in the same forward pass, extra (x_t, t, cond))."""
+    def _forward(self, rows, extras=()):
+        """ε_θ on pool rows, and on each extra (x_t, t, cond) riding in the same forward pass."""
         run, p = self.run, self.pool
-        x_t, t, c = p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows])
-        if extra is None:
-            return run.denoise(x_t, t, c), None
-        ex, et, ec = extra
-        pred = run.denoise(torch.cat([x_t, ex]), torch.cat([t, et]), cond_cat([c, ec]))
-        return pred.split([len(x_t), len(ex)])
+        parts = [(p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows]))] + [e for e in extras if len(e[0])]
+        pred = run.denoise(torch.cat([x for x, _, _ in parts]), torch.cat([t for _, t, _ in parts]),
+                           cond_cat([c for _, _, c in parts]))
+        out = list(pred.split([len(x) for x, _, _ in parts]))
+        return out[0], [out.pop(1) if len(e[0]) else None for e in extras]
 
 
 class GradientAscent(Objective):
@@ -149,61 +149,67 @@ class ScoreAlign(Objective):
 
 
 class VDU(Objective):
-    """`vdu_loss` over: the forget pool with its destinations, the replay pool of the model's own
-    images for the preservation prompts, the prior, and the bound profile."""
+    """`vdu_loss` over: the forget pool, the destination's images (destination.py), the replay pool
+    of the model's own images for the preservation prompts, the prior, and the bound profile."""
 
     reported = ("stability", "destination", "forget_error", "bounded")
 
     def __init__(self, run):
         super().__init__(run)
         cfg = run.cfg
-        self.goal = guided_away(self.pool.frozen(run, run.destination_prompt), self.pool.frozen_named(run),
-                                cfg.anchor_guidance) if run.destination_in_use() else None
         self.prior = run.prior()
         self.profile = run.bound_profile() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
+        self.dest = run.destination_pool()
+        if self.dest is not None:
+            self.goal = guided_away(self.dest.ref, self.dest.target, cfg.anchor_guidance)
         self.n_replay = cfg.replay_batch or cfg.batch_size
 
     def draw(self, g):
         batch = super().draw(g)
-        if self.replay is not None:
-            batch["replay"] = self.replay.draw(self.n_replay, g)
+        for name, pool in (("replay", self.replay), ("dest", self.dest)):
+            if pool is not None:
+                batch[name] = pool.draw(self.n_replay, g)
         return batch
 
-    def _replay_rows(self, batch, part: slice):
-        """The replay rows that go with a slice of the forget batch: the same share of them."""
+    def _share_of(self, batch, name, part: slice):
+        """The rows of pool `name` that go with a slice of the forget batch: the same share of them."""
+        if getattr(self, name) is None or name not in batch:
+            return None
         scale = self.n_replay / self.run.cfg.batch_size
-        return batch["replay"][round(part.start * scale):round(part.stop * scale)]
+        return batch[name][round(part.start * scale):round(part.stop * scale)]
+
+    def _extra(self, pool, rows, cond):
+        return pool.x_t[rows], pool.t[rows], cond
 
     def loss(self, batch, part):
-        run, cfg, pool = self.run, self.run.cfg, self.pool
+        run, cfg, pool, n = self.run, self.run.cfg, self.pool, self.run.n_forget
         rows = batch["rows"][part]
-        n = run.n_forget
-        replay = self._replay_rows(batch, part) if self.replay is not None else None
-        extra = None
-        if replay is not None and len(replay):
-            r = self.replay
-            extra = (r.x_t[replay], r.t[replay], cond_index(r.cond, r.caption[replay]))
-        pred, pred_r = self._forward(rows, extra)
-        zero = torch.zeros(len(rows), device=pred.device)
+        replay, dest = self._share_of(batch, "replay", part), self._share_of(batch, "dest", part)
+        extras = []
+        if replay is not None:
+            extras.append(self._extra(self.replay, replay, cond_index(self.replay.cond, self.replay.caption[replay])))
+        if dest is not None:
+            extras.append(self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest])))
+        pred, preds = self._forward(rows, extras)
+        pred_r = preds[0] if replay is not None else None
+        pred_d = preds[-1] if dest is not None else None
         err = denoising_error(pred, pool.target[rows])
-        dest = denoising_error(pred, self.goal[rows]) * cfg.destination if self.goal is not None else zero
-        if self.profile is not None:
-            bound = cfg.bound * self.profile[pool.bucket(rows)]
-        else:
-            bound = zero
+        bound = cfg.bound * self.profile[pool.bucket(rows)] if self.profile is not None else torch.zeros_like(err)
+        # Replay and destination rows: summed over this pass's rows and divided by its share of the batch,
+        # so that passes add up to the step's mean.
+        share = cfg.batch_size / (len(rows) * self.n_replay)
+        zero = torch.zeros((), device=pred.device)
+        destination = denoising_error(pred_d, self.goal[dest]).sum() * share if pred_d is not None else zero
         stability = run.prior_energy(self.prior)
         if pred_r is not None:
-            # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖², summed over this pass's rows and divided by its
-            # share of the batch, so that passes add up to the step's mean.
-            share = cfg.batch_size / (len(rows) * self.n_replay)
-            drift = denoising_error(pred_r, self.replay.ref[replay]).sum() * share
-            stability = stability + cfg.replay * n * drift
-        loss = vdu_loss(stability, err, bound, dest, cfg.gamma, n, cfg.plasticity)
+            # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖²
+            stability = stability + cfg.replay * n * denoising_error(pred_r, self.replay.ref[replay]).sum() * share
+        loss = vdu_loss(stability, err, bound, cfg.destination * destination, cfg.gamma, n, cfg.plasticity)
         if cfg.variational:
             loss = loss - cfg.gamma * run.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
         bounded = (err >= bound).float().mean() if self.profile is not None else torch.zeros(())
-        return loss, {"stability": stability.detach(), "destination": dest.mean().detach(),
+        return loss, {"stability": stability.detach(), "destination": destination.detach(),
                       "forget_error": err.mean().detach(), "bounded": bounded.to(err.device)}
 
     def should_stop(self, ema):

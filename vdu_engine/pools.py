@@ -104,3 +104,24 @@ class PredictionPool:
                    cond=cond)
         pool.ref = pool._predict(run, cond, pool.caption)
         return pool
+
+    @classmethod
+    @torch.no_grad()
+    def of_destination(cls, run, dest) -> "PredictionPool":
+        """REPLAY_POOL noisy versions of the destination's images (destination.py), over the whole
+        schedule; each row is trained under the caption naming the concept (`caption`: its index in
+        run.all_captions). `ref`: the frozen model's prediction for the row's destination prompt;
+        `target`: its prediction for the caption naming the concept."""
+        b = run.backend
+        g = torch.Generator().manual_seed(run.cfg.seed + 13)
+        row = torch.arange(REPLAY_POOL) % len(dest.latents)
+        t = torch.randint(0, b.schedule.num_train_timesteps, (REPLAY_POOL,), generator=g).to(b.device)
+        x0 = dest.latents[row].to(b.device, b.dtype)
+        source = torch.tensor(dest.sources, device=b.device)[row.to(b.device)]
+        pool = cls(b.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t), t, source)
+        prompts = sorted(set(dest.prompts))
+        with torch.no_grad():
+            cond = checked_text(b, prompts)
+        index = torch.tensor([prompts.index(dest.prompts[i]) for i in row.tolist()], device=b.device)
+        pool.ref, pool.target = pool._predict(run, cond, index), pool.frozen_named(run)
+        return pool

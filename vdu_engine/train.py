@@ -30,10 +30,10 @@ from .errors import VDUError, require_finite
 from .layers import select_targets
 from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
-from .neighbours import (SHOWS_CONCEPT_SHARE, Vicinity, caption_words, classify, concept_share, nearest_words,
-                         without, word_pattern)
+from .destination import Destination, note as destination_note, plan
+from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
 from .objectives import REGISTRY, denoising_error
-from .pools import N_BOUND_BUCKETS
+from .pools import N_BOUND_BUCKETS, PredictionPool
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
 from .sampling import ddim_latents
@@ -41,7 +41,6 @@ from .saving import atomic_save_file
 
 Progress = Callable[[int, int, Dict[str, float]], None]
 PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
-DESTINATION_IMAGES = 8  # images of the caption without the concept that the destination check draws
 PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
 LATENTS_NAN = "the VAE returned non-finite latents (nan/inf) for {bad} of {total} images"
 PROFILE_NAN = "the UNet's denoising error on the forget set is non-finite (nan/inf) in {bad} of {total} timestep ranges"
@@ -200,7 +199,7 @@ class Run:
         lo = int(cfg.t_min * (T - 1))
         self.t_range = (lo, max(int(cfg.t_max * (T - 1)), lo + 1))
         self._generated = []
-        self.destination_share: Optional[float] = None  # set by destination_in_use
+        self.destination: Optional[Destination] = None  # set by destination_pool
 
     # --- phase 1: the forget set, the vicinity, the network -------------------------------
     def setup(self, forget):
@@ -260,41 +259,14 @@ class Run:
             return [self.concept_words.sub(w, caption) for w in self.vicinity.neighbours]
         return without(caption, self.concept_words)
 
-    def destination_in_use(self) -> bool:
-        """Whether the destination term trains: its weight is positive and, for the default target
-        (the caption without the concept), the frozen model does not still draw the concept there.
-
-        A model trained on captions that always name the concept's kind (every image a colour) falls
-        back on a default when the word is taken out; if that default is the concept ("a circle" drawn
-        red), the destination would hold the concept in place. The check draws DESTINATION_IMAGES
-        images of the forget captions without the concept and asks the frozen model, as a
-        diffusion classifier, whether the concept's caption explains them better than its
-        neighbours' captions do (`neighbours.concept_share`); if it does for most, the destination
-        is dropped. A user's anchor, the neighbours mode and --no-destination-check skip it."""
-        cfg = self.cfg
-        if cfg.destination <= 0:
-            return False
-        if (not cfg.destination_check or cfg.anchor or cfg.destination_mode != "remove"
-                or not self.vicinity.neighbours or self.concept_words is None):
-            return True
-        if self.destination_share is None:
-            self.destination_share = self._destination_share()
-        return self.destination_share <= SHOWS_CONCEPT_SHARE
-
-    def _destination_share(self) -> float:
+    def destination_pool(self):
+        """The destination's pool (destination.py, pools.py), or None when the run has none."""
         t0 = time.perf_counter()
-        named = list(dict.fromkeys(c for c in self.captions if self.concept_words.search(c)))
-        if not named:
-            return 0.0
-        picked = [named[i % len(named)] for i in range(DESTINATION_IMAGES)]
-        with torch.no_grad(), self.network.disabled():
-            removed = [without(c, self.concept_words) for c in picked]
-            latents = ddim_latents(self.backend, removed, self.cfg.seed + 20_000, self.cfg.sample_steps,
-                                   self.cfg.guidance, self.resolution)
-            share = concept_share(self.backend, latents, picked, self.cfg.concept.strip(), self.vicinity.neighbours,
-                                  self.cfg.seed)
-        self.timings["destination_check"] = time.perf_counter() - t0
-        return share
+        self.destination = plan(self)
+        self.timings["destination"] = time.perf_counter() - t0
+        if self.destination is None or self.destination.latents is None:
+            return None
+        return PredictionPool.of_destination(self, self.destination)
 
     def forget_cond(self, caption_index: torch.Tensor):
         if self.cfg.train_text_encoder:  # the text encoder is trained: encode inside the graph
@@ -432,15 +404,6 @@ def _closed_form(run: Run) -> UnlearnResult:
     return UnlearnResult(result.network.kohya_state_dict(), meta, [], run.timings, result.network)
 
 
-def _destination_note(run: Run) -> str:
-    """What became of the destination: "true", "false", or why the check dropped it."""
-    if run.destination_share is None:
-        return str(run.cfg.destination > 0 and run.cfg.objective == "vdu").lower()
-    if run.destination_share > SHOWS_CONCEPT_SHARE:
-        return f"false: the caption without the concept still draws it ({run.destination_share:.0%} of checked images)"
-    return f"true: the caption without the concept draws it in {run.destination_share:.0%} of checked images"
-
-
 def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
     """kohya's ss_* keys (so other tools recognise the file) plus the run's vdu_* settings."""
     backend, cfg, n_images, targets = run.backend, run.cfg, run.n_forget, run.targets
@@ -462,7 +425,7 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
         "vdu_keep": ", ".join(cfg.keep),
         "vdu_destination": str(cfg.destination),
-        "vdu_destination_used": _destination_note(run),
+        "vdu_destination_used": destination_note(run.destination, run.cfg.destination),
         "vdu_plasticity": str(cfg.plasticity),
         "vdu_synonyms_found": ", ".join(run.vicinity.synonyms),
         "vdu_neighbours_held": ", ".join(run.vicinity.neighbours),
