@@ -50,7 +50,7 @@ class UnlearnConfig:
     ensemble: List[str] = field(default_factory=list, metadata={"help":
         "other checkpoints of the same architecture, for --prior ensemble"})
     fisher_samples: int = field(default=32, metadata={"help":
-        "images the model generates to estimate the Fisher prior"})
+        "images the model generates for its preservation prompts (the Fisher prior, replay) and for the destination"})
     fisher_prompts: List[str] = field(default_factory=list, metadata={"help":
         'prompts of what the Fisher prior preserves ("" = unconditional; none given = chosen automatically)'})
     keep: List[str] = field(default_factory=list, metadata={"help":

@@ -33,8 +33,7 @@ import torch
 from .neighbours import SHOWS_CONCEPT_SHARE, concept_share, without, word_pattern
 from .sampling import ddim_latents
 
-DESTINATION_IMAGES = 32  # the destination's images, spread over the captions naming the concept
-CHECK_IMAGES = 8  # of those, the ones the auto mode's check reads
+CHECK_IMAGES = 8  # of the destination's images, the ones the auto mode's check reads
 
 
 @dataclass
@@ -68,7 +67,8 @@ def plan(run) -> Optional[Destination]:
     named = [i for i, c in enumerate(run.all_captions) if run.concept_words.search(c)]
     if not named:
         return None
-    sources = [named[i % len(named)] for i in range(DESTINATION_IMAGES)]
+    # As many images as the model draws for its preservation prompts (--fisher-samples), over the captions.
+    sources = [named[i % len(named)] for i in range(cfg.fisher_samples)]
     mode = "anchor" if cfg.anchor else ("remove" if cfg.destination_mode == "auto" else cfg.destination_mode)
     if mode == "neighbours" and not run.vicinity.neighbours:
         mode = "remove"
