@@ -67,8 +67,8 @@ class UnlearnConfig:
         "out (off: always take it out)"})
     destination_mode: str = field(default="auto", metadata={"help":
         "what the concept's prompts draw instead: remove (the caption without the concept) | neighbours (the "
-        "caption with a nearby concept in its place) | auto (remove, or neighbours where the model still draws "
-        "the concept without its word)"})
+        "caption with a nearby concept in its place) | auto (remove, or none where the model still draws the "
+        "concept without its word)"})
     anchor_guidance: float = field(default=1.0, metadata={"help":
         "strength of the destination's negative guidance"})
     plasticity: float = field(default=1.0, metadata={"help":

@@ -10,7 +10,7 @@ pull acts where sampling goes: on images without the concept, at every noise lev
 The destination prompt of a caption c naming the concept:
 - `remove`: c⁻, c with the concept taken out ("a red circle" → "a circle");
 - `neighbours`: c with one of the concept's neighbours in its place ("an orange circle", "a green
-  circle", one neighbour per image in turn), so the concept's prompts draw the rest of what they ask
+  circle", each caption always with the same neighbour), so the concept's prompts draw the rest of what they ask
   in one of the concept's alternatives;
 - `auto` (the default): `remove`, unless the frozen model still draws the concept for c⁻. A model
   trained on captions that always name the concept's kind (every image has a colour) falls back on a

@@ -161,8 +161,7 @@ class VDU(Objective):
         self.profile = run.bound_profile() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
         self.dest = run.destination_pool()
-        if self.dest is not None:
-            self.goal = guided_away(self.dest.ref, self.dest.target, cfg.anchor_guidance)
+        self.goal = guided_away(self.dest.ref, self.dest.target, cfg.anchor_guidance) if self.dest is not None else None
         self.n_replay = cfg.replay_batch or cfg.batch_size
 
     def draw(self, g):

@@ -119,9 +119,6 @@ class PredictionPool:
         x0 = dest.latents[row].to(b.device, b.dtype)
         source = torch.tensor(dest.sources, device=b.device)[row.to(b.device)]
         pool = cls(b.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t), t, source)
-        prompts = sorted(set(dest.prompts))
-        with torch.no_grad():
-            cond = checked_text(b, prompts)
-        index = torch.tensor([prompts.index(dest.prompts[i]) for i in row.tolist()], device=b.device)
-        pool.ref, pool.target = pool._predict(run, cond, index), pool.frozen_named(run)
+        prompt_of = dict(zip(dest.sources, dest.prompts))  # a caption's destination prompt is always the same
+        pool.ref, pool.target = pool.frozen(run, prompt_of.__getitem__), pool.frozen_named(run)
         return pool
