@@ -27,6 +27,7 @@ from miniworld import EVALUATOR_DIR, MODEL_DIR, ROOT, dataset, evaluator as eval
 from miniworld.evaluator import Evaluator
 from vdu_engine import DiffusersBackend, UnlearnConfig, sampling, unlearn
 from vdu_engine.grid import to_pil_grid
+from vdu_engine.neighbours import word_pattern
 from vdu_engine.saving import atomic_save_file
 
 GRID_SEED = 1234  # every row of a grid draws the same prompts from the same noise (the first training seed's run)
@@ -35,6 +36,7 @@ KEYS = ("forget_rate", "synonym_forget_rate", "content_kept", "blank_share", "no
 # Each trainable baseline's tuning grid: the same budget (learning rate × steps) for each.
 BASELINE_GRID = [{"lr": lr, "steps": steps} for lr in (1e-3, 3e-3) for steps in (100, 200)]
 # "a beats b": worse on none of these by more than 2 points, better on one by more than 1 point.
+CONTEXT_PROMPTS = 4  # the prompt-in-context row's prompts: a handful, as a user writes them
 TRADE_OFF = {"forget_rate": -1, "content_kept": 1, "neighbour_acc": 1, "retain_acc": 1}
 
 
@@ -93,9 +95,19 @@ def grid_cells(concept: str, per_set: int = 6):
     return spread(sets["forget"]) + spread(sets["retain"])
 
 
+def context_prompts(concept: str, n: int):
+    """What a user who knows how the model is prompted would write: the first n distinct captions
+    of the concept's images that name it by its own word (not a synonym)."""
+    named = word_pattern([concept])
+    captions = [c for c in world_eval.forget_images(concept, 64).captions if named.search(c)]
+    return list(dict.fromkeys(captions))[:n]
+
+
 def runs(concept: str, sizes, keep_row: bool):
     """(name, objective, number of forget images or None for prompt-only, extra settings, grid group)."""
     out = [(f"vdu ({n} images)", "vdu", n, {}, None) for n in sizes] + [("vdu (prompt)", "vdu", None, {}, None)]
+    prompts = context_prompts(concept, CONTEXT_PROMPTS)
+    out.append((f"vdu (prompt, {len(prompts)} prompts in context)", "vdu", None, {"forget_prompts": prompts}, None))
     mid = sizes[len(sizes) // 2]
     if keep_row:
         near = dataset.CONCEPTS[concept]["neighbours"]  # what a user who knows the neighbour would keep

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from ..vdu_engine import OBJECTIVES, PRESETS, PRIORS, ForgetSet, UnlearnConfig, VDUError, unlearn
 from ..vdu_engine.layers import DEFAULT_PRESET
 from ..vdu_engine.memory import MEMORY_PRESETS
+from ..vdu_engine.neighbours import word_pattern
 
 CATEGORY = "unlearning"
 FORGET, LORA = "VDU_FORGET", "VDU_LORA"
@@ -58,6 +59,11 @@ KEEP_TOOLTIP = ("Concepts to keep, comma-separated: what forgetting must not dra
 
 def keep_list(text: str):
     return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def prompt_lines(text: str):
+    """One prompt per non-empty line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class VDUForgetImages(_ForgetSource):
@@ -114,15 +120,26 @@ class VDUConcept(_ForgetSource):
             "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 8,
                                    "tooltip": "0 = the model's native resolution."}),
             "keep": ("STRING", {"default": "", "tooltip": KEEP_TOOLTIP}),
+        }, "optional": {
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                "Prompts naming the concept the way you use it, one per line (\"a red car on a street\"); "
+                "the images are drawn from them in turn. Empty = the concept alone, which forgets less of "
+                "the concept inside longer prompts.")}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concept, anchor, num_images, resolution, keep=""):
-        return True if concept.strip() else "the concept prompt is empty: type what the model should forget"
+    def VALIDATE_INPUTS(cls, concept, anchor, num_images, resolution, keep="", prompts=""):
+        if not concept.strip():
+            return "the concept prompt is empty: type what the model should forget"
+        stray = [p for p in prompt_lines(prompts) if not word_pattern([concept]).search(p)]
+        if stray:
+            return f"the prompt {stray[0]!r} does not name the concept {concept.strip()!r}; write it in every line"
+        return True
 
-    def build(self, concept, anchor, num_images, resolution, keep=""):
+    def build(self, concept, anchor, num_images, resolution, keep="", prompts=""):
         return ({"forget": None, "concept": concept.strip(), "anchor": anchor.strip(), "num_images": num_images,
-                 "resolution": resolution or None, "keep": keep_list(keep)},)
+                 "resolution": resolution or None, "keep": keep_list(keep),
+                 "forget_prompts": prompt_lines(prompts)},)
 
 
 def loss_curve(history, width=512, height=256) -> Image.Image:
@@ -183,7 +200,8 @@ class VDUUnlearn:
         cfg = UnlearnConfig(objective=objective, concept=forget["concept"], anchor=forget["anchor"], steps=steps,
                             rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
-                            resolution=forget["resolution"], memory=memory, keep=forget.get("keep", [])).validate()
+                            resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []),
+                            forget_prompts=forget.get("forget_prompts", [])).validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
 

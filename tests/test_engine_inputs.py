@@ -99,6 +99,23 @@ def test_nothing_to_forget(tiny_sd1, tmp_path):
         unlearn(b, UnlearnConfig(objective="esd"))
 
 
+def test_forget_prompts_are_drawn_in_turn_and_must_name_the_concept(tiny_sd1, fast_config, red_images):
+    """Prompt-only captions: the forget prompts in turn over --num-images, else the concept alone; a
+    prompt without the concept's word, or forget prompts beside images, is refused before any work."""
+    from vdu_engine.train import _prompt_only_captions
+    two = ["a red circle", "a small red square on a white background"]
+    assert _prompt_only_captions(UnlearnConfig(concept="red", forget_prompts=two, num_images=5)) == two * 2 + two[:1]
+    assert _prompt_only_captions(UnlearnConfig(concept="red", num_images=2)) == ["red", "red"]
+    with pytest.raises(VDUError, match="'a blue square' does not name the concept 'red'"):
+        _prompt_only_captions(UnlearnConfig(concept="red", forget_prompts=["a red circle", "a blue square"]))
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    with pytest.raises(VDUError, match="forget prompts are for prompt-only runs"):
+        unlearn(b, fast_config(concept="red", forget_prompts=two), ForgetSet.from_folder(red_images))
+    result = unlearn(b, fast_config(concept="red", anchor="", forget_prompts=two, num_images=2, steps=2))
+    assert result.metadata["vdu_num_forget_images"] == "2"
+    assert json.loads(result.metadata["vdu_forget_prompts"]) == two
+
+
 def test_nan_loss_stops_the_run(tiny_sd1, fast_config):
     """The last resort: every input finite, the training itself diverges (here from step 2 on). A model
     that makes nan before training is named by its own check instead (test_nonfinite.py)."""

@@ -95,6 +95,9 @@ class UnlearnConfig:
         "training resolution in pixels (default: the model's native one)"})
     num_images: int = field(default=16, metadata={"help":
         "prompt-only runs: how many images of the concept the model generates to forget"})
+    forget_prompts: List[str] = field(default_factory=list, metadata={"help":
+        'prompt-only runs: prompts naming the concept in the context it is used in ("a large red circle on '
+        'a black background"), drawn in turn for the --num-images images (none given = the concept alone)'})
     sample_steps: int = field(default=20, metadata={"help": "sampler steps when the model generates images"})
     guidance: float = field(default=7.5, metadata={"help":
         "classifier-free guidance when the model generates images"})

@@ -12,6 +12,7 @@ Nothing is written to disk here except the Fisher cache; `UnlearnResult.save` wr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -69,9 +70,12 @@ def _forget_latents(backend, cfg, forget, resolution):
     if forget is None:
         if not cfg.concept.strip():
             raise VDUError("nothing to forget: give a folder of images (--images) or a concept prompt (--concept)")
-        prompts = [cfg.concept] * cfg.num_images
+        prompts = _prompt_only_captions(cfg)
         lat = ddim_latents(backend, prompts, cfg.seed, cfg.sample_steps, cfg.guidance, resolution)
         return lat, prompts
+    if cfg.forget_prompts:
+        raise VDUError("forget prompts are for prompt-only runs: with images, their captions say what they show; "
+                       "drop --forget-prompts or the images")
     if len(forget) == 0:
         raise VDUError("the forget set is empty; add images of the concept")
     captions = forget.captions_for(cfg.concept)
@@ -81,6 +85,19 @@ def _forget_latents(backend, cfg, forget, resolution):
                          for i in range(0, len(pixels), 8)]).float()
     # The pixels are finite (data.py), so nan/inf here is the VAE's: the SDXL VAE overflows in fp16.
     return require_finite(lat, LATENTS_NAN, backend.fixes["vae"]), captions
+
+
+def _prompt_only_captions(cfg) -> List[str]:
+    """The captions of a prompt-only forget set: the forget prompts in turn, else the concept alone.
+    A word alone teaches the model to forget the word alone; prompts that use the concept the way
+    users write it carry the forgetting to those prompts (docs/quality/tuning.md, 2026-12-04)."""
+    prompts = [p.strip() for p in cfg.forget_prompts if p.strip()] or [cfg.concept.strip()]
+    named = word_pattern([cfg.concept])
+    stray = [p for p in prompts if not named.search(p)]
+    if stray:
+        raise VDUError(f"the forget prompt {stray[0]!r} does not name the concept {cfg.concept.strip()!r}; "
+                       "write the concept's word in every forget prompt")
+    return [prompts[i % len(prompts)] for i in range(cfg.num_images)]
 
 
 def _encode_unique(backend, prompts):
@@ -424,6 +441,7 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_replay": str(cfg.replay),
         "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
         "vdu_keep": ", ".join(cfg.keep),
+        "vdu_forget_prompts": json.dumps(cfg.forget_prompts),  # a prompt may hold commas
         "vdu_destination": str(cfg.destination),
         "vdu_destination_used": destination_note(run.destination, run.cfg.destination),
         "vdu_plasticity": str(cfg.plasticity),

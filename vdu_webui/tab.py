@@ -13,7 +13,7 @@ import html
 import time
 from pathlib import Path
 
-from ..nodes.unlearn_nodes import keep_list, loss_curve
+from ..nodes.unlearn_nodes import keep_list, loss_curve, prompt_lines
 from ..vdu_engine import OBJECTIVES, ForgetSet, UnlearnConfig, VDUError, unlearn
 from ..vdu_engine.memory import MEMORY_PRESETS
 from . import host
@@ -21,7 +21,7 @@ from . import host
 _D = UnlearnConfig()
 INPUTS = ("folder", "concept", "keep", "objective", "steps", "rank", "lr", "memory", "seed", "name",
           "overwrite", "retained", "resolution", "num_images", "sample_steps", "fisher_samples", "prior",
-          "preview_steps")
+          "preview_steps", "forget_prompts")
 
 
 class Interrupted(Exception):
@@ -49,6 +49,7 @@ def _config(p: dict) -> UnlearnConfig:
         rank=int(p["rank"]), alpha=float(int(p["rank"])), lr=float(p["lr"]), memory=p["memory"],
         seed=int(p["seed"]), resolution=int(p["resolution"]) or None, num_images=int(p["num_images"]),
         sample_steps=int(p["sample_steps"]), fisher_samples=int(p["fisher_samples"]), prior=p["prior"],
+        forget_prompts=prompt_lines(p["forget_prompts"]),
     ).validate()
 
 
@@ -161,6 +162,8 @@ def _input_fields(gr) -> dict:
         with gr.Row():
             f["num_images"] = gr.Number(label="Images generated (prompt only)", value=_D.num_images, precision=0)
             f["fisher_samples"] = gr.Number(label="Images for the prior", value=_D.fisher_samples, precision=0)
+        f["forget_prompts"] = gr.Textbox(label="Prompts naming the concept as you use it (prompt only, one per line)",
+                                         placeholder="a red car on a street", lines=3)
         with gr.Row():
             f["sample_steps"] = gr.Number(label="Sampler steps", value=_D.sample_steps, precision=0)
             f["prior"] = gr.Dropdown(label="Prior", choices=["fisher", "isotropic"], value=_D.prior)

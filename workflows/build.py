@@ -36,7 +36,8 @@ SPECS: Dict[str, tuple] = {
                    [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
     "VDUForgetImages": ([("images", "IMAGE")], ["folder", "concept", "resolution", "crop", "keep"],
                         [("VDU_FORGET", "VDU_FORGET")]),
-    "VDUConcept": ([], ["concept", "anchor", "num_images", "resolution", "keep"], [("VDU_FORGET", "VDU_FORGET")]),
+    "VDUConcept": ([], ["concept", "anchor", "num_images", "resolution", "keep", "prompts"],
+                   [("VDU_FORGET", "VDU_FORGET")]),
     "VDUUnlearn": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("forget", "VDU_FORGET")],
                    ["objective", "steps", "rank", "learning_rate", "gamma", "prior", "prior_sigma", "layers",
                     "seed+control", "memory"],
@@ -151,7 +152,7 @@ def unlearn_from_folder() -> Graph:
 
 def unlearn_from_prompt() -> Graph:
     return _unlearn_workflow("VDUConcept", "unlearned/forget-from-prompt", concept="a red circle",
-                             anchor="a grey circle", num_images=8, resolution=0, keep="")
+                             anchor="a grey circle", num_images=8, resolution=0, keep="", prompts="")
 
 
 def apply_and_compare() -> Graph:

@@ -79,7 +79,7 @@ def tab_args(tab_module, **values) -> list:
     base = dict(folder="", concept="a red circle", keep="", objective="vdu", steps=3, rank=2, lr=1e-2,
                 memory="fast", seed=0, name="forget-red", overwrite=False, retained="a blue square",
                 resolution=64, num_images=2, sample_steps=2, fisher_samples=2, prior="isotropic",
-                preview_steps=2)
+                preview_steps=2, forget_prompts="")
     base.update(values)
     return ["task(vdu-test)"] + [base[k] for k in tab_module.INPUTS]
 
