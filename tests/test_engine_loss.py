@@ -1,5 +1,6 @@
 """The loss terms against a hand computation on a tiny model, and each prior mode."""
 
+import pytest
 import torch
 
 from vdu_engine import DiffusersBackend
@@ -163,7 +164,8 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
 
 def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt_on_its_own_images(tiny_sd1):
     """The destination by hand: the frozen model draws images for the captions with the concept
-    taken out ("a red circle" → "a circle"; "red" alone → the unconditional prompt); on noisy
+    taken out ("a red circle" → "a circle"; "red" alone → the unconditional prompt), drawn plainly
+    (no neighbours to check against, so no fallback); on noisy
     versions of them the goal is ε*(x_t, c⁻) − η (ε*(x_t, c) − ε*(x_t, c⁻)), and the loss adds
     destination · (1 − γ) · N · E‖ε_θ(x_t, c) − goal‖² over the step's destination rows."""
     from vdu_engine.objectives import VDU
@@ -177,7 +179,7 @@ def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt
     assert dest.prompts == [removed[run.all_captions[s]] for s in dest.sources]
     assert set(dest.prompts) == {"a circle", "a small square", ""}
     with torch.no_grad():
-        again = ddim_latents(b, dest.prompts, 20_000, 2, run.cfg.guidance, run.resolution)
+        again = ddim_latents(b, dest.prompts, 20_000, 2, run.cfg.guidance, run.resolution)  # drawn plainly
     torch.testing.assert_close(dest.latents, again, rtol=1e-4, atol=1e-4)
     rows = torch.arange(6)
     caps = [run.all_captions[i] for i in pool.caption[rows].tolist()]
@@ -200,6 +202,23 @@ def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt
     hand = ((adapted - obj.goal[d]) ** 2).flatten(1).mean(1).mean()
     assert hand > 0
     torch.testing.assert_close(total - without_dest, 0.5 * 3 * 2.0 * hand, rtol=1e-4, atol=1e-6)
+
+
+def test_one_negative_prompt_per_prompt_guides_each_image_away_from_its_own(tiny_sd1):
+    """ε(c_neg) + w (ε(c) − ε(c_neg)) with each prompt's own negative: the same latents as drawing each
+    prompt alone with its negative; a list of the wrong length is refused."""
+    from vdu_engine.sampling import ddim_latents
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    prompts, negatives = ["a circle", "a small square"], ["a red circle", "a small blue square"]
+    with torch.no_grad():
+        both = ddim_latents(b, prompts, 3, 2, 5.0, negative=negatives)
+        alone = torch.cat([ddim_latents(b, [p], 3, 2, 5.0, negative=n, seeds=[3 + i])
+                           for i, (p, n) in enumerate(zip(prompts, negatives))])
+        plain = ddim_latents(b, prompts, 3, 2, 5.0)
+    torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)  # batched vs alone: float noise
+    assert not torch.allclose(both, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        ddim_latents(b, prompts, 3, 2, 5.0, negative=negatives[:1])
 
 
 def test_neighbour_destinations_give_each_caption_one_neighbour():

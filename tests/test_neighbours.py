@@ -56,28 +56,34 @@ def test_preservation_prompts_take_synonyms_out_and_neighbours_in():
     assert without("a Red circle", word_pattern(["red"])) == "a circle"
 
 
-def test_the_destination_check_drops_a_destination_that_still_draws_the_concept():
+def test_the_destination_check_draws_away_from_a_concept_the_model_falls_back_on(monkeypatch):
     """On the mini model, whose every training caption names a colour, a caption with its colour
     taken out falls back on red: "a large circle" is drawn red, so red's destination (the caption
-    without red) would hold red in place and is dropped; a caption with its shape taken out ("a
-    large blue on a grey background") is drawn as a blue square, so circle's destination is kept.
-    The check is the frozen model's own diffusion classifier, on images it draws before training."""
+    without red) would hold red in place; drawn again with the caption naming red as the negative
+    prompt, it no longer shows red and is kept. A caption with its shape taken out ("a large blue
+    on a grey background") is drawn as a blue square, so circle's destination is kept as drawn.
+    The check is the frozen model's own diffusion classifier, on images it draws before training;
+    where even the images drawn away show the concept, the destination is dropped."""
     from benchmarks import world_eval
     from miniworld import MODEL_DIR
-    from vdu_engine import DiffusersBackend
+    from vdu_engine import DiffusersBackend, destination
     from vdu_engine.destination import note, plan
     from vdu_engine.train import Run, frozen
     b = DiffusersBackend.load(MODEL_DIR, device="cpu")
-    found = {}
-    for concept, check in (("red", True), ("circle", True), ("red", False)):
+
+    def planned(concept, check=True):
         cfg = UnlearnConfig(concept=concept, fisher_samples=8, destination_check=check).validate()
         with torch.inference_mode(False), frozen(b):
             run = Run(b, cfg).setup(world_eval.forget_images(concept, 8))
-            dest = plan(run)
-        found[concept, check] = (dest.mode, dest.share, note(dest, 1.0), dest.latents)
-        assert run.vicinity.neighbours, concept
-    red, circle, unchecked = found["red", True], found["circle", True], found["red", False]
-    assert red[0] == "dropped" and red[1] > 0.5 and red[2].startswith("false") and red[3] is None
-    assert circle[0] == "remove" and circle[1] <= 0.5 and circle[2].startswith("the caption without") \
-        and len(circle[3]) == 8
-    assert unchecked[0] == "remove" and unchecked[1] is None  # unchecked: the caption without the concept
+            assert run.vicinity.neighbours, concept
+            return plan(run)
+    red, circle, unchecked = planned("red"), planned("circle"), planned("red", check=False)
+    assert red.mode == "remove" and red.away and red.plain_share > 0.5 and red.share <= 0.5
+    assert note(red, 1.0).startswith("the caption without the concept, drawn away from the concept's caption")
+    assert len(red.latents) == 8 and not torch.allclose(red.latents, unchecked.latents)
+    assert circle.mode == "remove" and not circle.away and circle.share <= 0.5 and circle.plain_share is None
+    assert note(circle, 1.0).startswith("the caption without the concept (it draws")
+    assert unchecked.mode == "remove" and unchecked.share is None and not unchecked.away
+    monkeypatch.setattr(destination, "SHOWS_CONCEPT_SHARE", -1.0)  # every image counts as showing it
+    dropped = planned("red")
+    assert dropped.mode == "dropped" and dropped.latents is None and note(dropped, 1.0).startswith("false")

@@ -10,16 +10,21 @@ pull acts where sampling goes: on images without the concept, at every noise lev
 The destination prompt of a caption c naming the concept:
 - `remove`: c⁻, c with the concept taken out ("a red circle" → "a circle");
 - `neighbours`: c with one of the concept's neighbours in its place ("an orange circle", "a green
-  circle", each caption always with the same neighbour), so the concept's prompts draw the rest of what they ask
-  in one of the concept's alternatives;
-- `auto` (the default): `remove`, unless the frozen model still draws the concept for c⁻. A model
-  trained on captions that always name the concept's kind (every image has a colour) falls back on a
-  default when the word is missing; when that default is the concept ("a circle" drawn red), c⁻ would
-  hold the concept in place, and the destination is dropped (the run forgets with the plasticity
-  inducer and the stability terms alone). Whether the concept is still there is asked of the
-  frozen model itself, as a diffusion classifier (`neighbours.concept_share`). The neighbours are
-  not taken instead: on the mini model they forget red no further and lose the shapes red's prompts
-  ask for (docs/quality/tuning.md, 2026-12-03).
+  circle", each caption always with the same neighbour), so the concept's prompts draw the rest of
+  what they ask in one of the concept's alternatives;
+- `auto` (the default): `remove`, checked. A model trained on captions that always name the
+  concept's kind (every image has a colour) falls back on a default when the word is missing; when
+  that default is the concept ("a circle" drawn red), c⁻ would hold the concept in place. Whether
+  the concept is still there is asked of the frozen model itself, as a diffusion classifier
+  (`neighbours.concept_share`). If it is, c⁻ is drawn again away from c, as users of Stable
+  Diffusion steer away from what they do not want: c is the negative prompt, classifier-free
+  guidance ε(c) + w (ε(c⁻) − ε(c)) in place of ε(∅) + w (ε(c⁻) − ε(∅)). What c and c⁻ share (the
+  rest of the caption) is in both terms; what the concept adds is pushed away. If the check still
+  finds the concept, the destination is dropped (the run forgets with the plasticity inducer and
+  the stability terms alone). Drawing away is not the first choice: where c⁻ is already free of
+  the concept it changes more than the concept (on the mini model circle's prompts lost their
+  colours, docs/quality/tuning.md, 2026-12-04). The neighbours are not taken instead either: on the
+  mini model they forget red no further and lose the shapes red's prompts ask for (2026-12-03).
 A user's anchor replaces all of these.
 """
 
@@ -42,7 +47,9 @@ class Destination:
     sources: List[int]  # per image: index (in run.all_captions) of the caption naming the concept it trains
     prompts: List[str]  # per image: the destination prompt it was drawn for
     mode: str  # remove | neighbours | anchor | dropped
-    share: Optional[float] = None  # the check's share of c⁻ images still showing the concept (None: not checked)
+    share: Optional[float] = None  # the check's share of these images still showing the concept (None: not checked)
+    away: bool = False  # drawn with the caption naming the concept as the negative prompt
+    plain_share: Optional[float] = None  # with `away`: the check's share for c⁻ drawn plainly
 
 
 def destination_prompts(run, sources: List[int], mode: str) -> List[str]:
@@ -60,7 +67,8 @@ def destination_prompts(run, sources: List[int], mode: str) -> List[str]:
 
 def plan(run) -> Optional[Destination]:
     """The destination's images for this run; None when it has none (its weight is 0, or no caption
-    names the concept); mode "dropped" when the auto mode's check finds the concept still drawn for c⁻."""
+    names the concept); mode "dropped" when the auto mode's check finds the concept still drawn for c⁻,
+    drawn plainly and drawn away from c."""
     cfg = run.cfg
     if cfg.destination <= 0 or run.concept_words is None:
         return None
@@ -73,19 +81,28 @@ def plan(run) -> Optional[Destination]:
     if mode == "neighbours" and not run.vicinity.neighbours:
         mode = "remove"
     dest = _draw(run, sources, mode)
-    if cfg.destination_mode == "auto" and not cfg.anchor and cfg.destination_check and run.vicinity.neighbours:
-        dest.share = _check(run, dest)
-        if dest.share > SHOWS_CONCEPT_SHARE:
-            return Destination(None, [], [], "dropped", dest.share)
-    return dest
+    if not (cfg.destination_mode == "auto" and not cfg.anchor and cfg.destination_check and run.vicinity.neighbours):
+        return dest
+    dest.share = _check(run, dest)
+    if dest.share <= SHOWS_CONCEPT_SHARE:
+        return dest
+    # The model falls back on the concept when its word is missing: draw c⁻ away from c instead.
+    away = _draw(run, sources, mode, away=True)
+    away.share, away.plain_share = _check(run, away), dest.share
+    if away.share > SHOWS_CONCEPT_SHARE:
+        return Destination(None, [], [], "dropped", away.share, plain_share=dest.share)
+    return away
 
 
-def _draw(run, sources: List[int], mode: str) -> Destination:
+def _draw(run, sources: List[int], mode: str, away: bool = False) -> Destination:
+    """The frozen model's images for the sources' destination prompts; with `away`, each drawn with
+    its caption naming the concept as the negative prompt."""
     prompts = destination_prompts(run, sources, mode)
+    negative = [run.all_captions[i] for i in sources] if away else ""
     with torch.no_grad(), run.network.disabled():
         latents = ddim_latents(run.backend, prompts, run.cfg.seed + 20_000, run.cfg.sample_steps, run.cfg.guidance,
-                               run.resolution)
-    return Destination(latents, sources, prompts, mode)
+                               run.resolution, negative=negative)
+    return Destination(latents, sources, prompts, mode, away=away)
 
 
 def _check(run, dest: Destination) -> float:
@@ -104,8 +121,11 @@ def note(dest: Optional[Destination], weight: float) -> str:
     """The run's metadata: which destination trained, and what the check found."""
     if dest is None:
         return "false" if weight <= 0 else "false: no caption names the concept"
+    plain = "" if dest.plain_share is None else f"drawn plainly {dest.plain_share:.0%}, "
     if dest.mode == "dropped":
-        return f"false: the caption without the concept still draws it ({dest.share:.0%} of checked images)"
-    found = "" if dest.share is None else f" (it draws the concept in {dest.share:.0%} of checked images)"
-    return {"remove": "the caption without the concept", "anchor": "the anchor",
-            "neighbours": "the captions with a neighbour in the concept's place"}[dest.mode] + found
+        return (f"false: the caption without the concept still draws it ({plain}drawn away from the concept "
+                f"{dest.share:.0%} of checked images)")
+    found = "" if dest.share is None else f" (it draws the concept in {plain}{dest.share:.0%} of checked images)"
+    what = {"remove": "the caption without the concept", "anchor": "the anchor",
+            "neighbours": "the captions with a neighbour in the concept's place"}[dest.mode]
+    return what + (", drawn away from the concept's caption" if dest.away else "") + found

@@ -8,7 +8,7 @@ its own seed (seed + index), so the same prompt and seed give the same image in 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -22,16 +22,19 @@ DECODED_NAN = "the VAE decoded finite latents into non-finite images (nan/inf) f
 @torch.no_grad()
 def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 20,
                  guidance: float = 7.5, resolution: Optional[int] = None,
-                 negative: str = "", batch_size: int = 8,
+                 negative: Union[str, List[str]] = "", batch_size: int = 8,
                  seeds: Optional[List[int]] = None) -> torch.Tensor:
-    """Scaled latents [N, C, h, w] for the prompts (deterministic DDIM, eta = 0)."""
+    """Scaled latents [N, C, h, w] for the prompts (deterministic DDIM, eta = 0). `negative` is the
+    prompt guidance pushes away from (in place of the unconditional one): one for all, or one per prompt."""
+    if not isinstance(negative, str) and len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
     resolution = resolution or backend.resolution
     seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
     sched = backend.schedule
     T = sched.num_train_timesteps
     ts = torch.linspace(T - 1, 0, steps).round().long()
     ac = sched.alphas_cumprod.float()
-    uncond_one = checked_text(backend, [negative])
+    uncond_one = checked_text(backend, [negative]) if isinstance(negative, str) else None
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -39,8 +42,9 @@ def ddim_latents(backend: Backend, prompts: List[str], seed: int, steps: int = 2
         x = torch.stack([torch.randn(backend.latent_shape(resolution),
                                      generator=torch.Generator().manual_seed(s))
                          for s in seeds[start:start + b]]).to(backend.device, backend.dtype)
-        cond = cond_cat([{k: v.expand(b, *v.shape[1:]) for k, v in uncond_one.items()},
-                         checked_text(backend, chunk)])
+        uncond = (checked_text(backend, negative[start:start + b]) if uncond_one is None
+                  else {k: v.expand(b, *v.shape[1:]) for k, v in uncond_one.items()})
+        cond = cond_cat([uncond, checked_text(backend, chunk)])
         for i, t in enumerate(ts):
             tt = t.repeat(2 * b).to(backend.device)
             pred = backend.denoise(torch.cat([x, x]), tt, cond).float()
