@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from benchmarks import world_eval
@@ -40,7 +42,7 @@ CONTEXT_PROMPTS = 4  # the prompt-in-context row's prompts: a handful, as a user
 TRADE_OFF = {"forget_rate": -1, "content_kept": 1, "neighbour_acc": 1, "retain_acc": 1}
 
 
-def retrained(concept: str, cache: Path) -> Path:
+def retrained(concept: str, cache: Path, device: str = "cpu") -> Path:
     """The model trained from scratch without the concept (cached; 20–30 min on 2 CPU cores). The
     folder is keyed by the original model's VAE (which it reuses) and the training code, so a
     retrained or redesigned mini model never meets a reference left over from its predecessor."""
@@ -52,7 +54,7 @@ def retrained(concept: str, cache: Path) -> Path:
         kind = dataset.CONCEPTS[concept]["kind"]
         print(f"training the reference model without {concept!r} (cached in {path})", flush=True)
         train(["--out", str(path), "--exclude", f"{kind if kind == 'shape' else 'colour'}={concept}",
-               "--vae-from", str(MODEL_DIR)])
+               "--vae-from", str(MODEL_DIR), "--device", device])
     return path
 
 
@@ -65,7 +67,8 @@ def _fingerprint(dirs, code=(world_eval, sampling, evaluator_module, dataset), *
     return h.hexdigest()[:16]
 
 
-def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator, real, cache: Path, fresh: bool):
+def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator, real, cache: Path, fresh: bool,
+                  device: str = "cpu"):
     """The metrics and grid row of a model as loaded (the original, the retrained). Cached: they
     change only with the model, the evaluator, the measuring code or the settings, which key the
     file, and they take 4 of a run's 16 rows of sampling."""
@@ -75,7 +78,7 @@ def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator,
     if path.exists() and not fresh:
         with safe_open(str(path), "pt") as f:
             return json.loads(f.metadata()["metrics"]), f.get_tensor("grid")
-    backend = DiffusersBackend.load(model_dir, device="cpu")
+    backend = DiffusersBackend.load(model_dir, device=device)
     metrics = world_eval.evaluate(backend, evaluator, concept, samples, real_retain=real)["metrics"]
     grid = world_eval.sample_cells(backend, cells, GRID_SEED)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +126,12 @@ def runs(concept: str, sizes, keep_row: bool):
     return out
 
 
+def machine(device: str) -> str:
+    """The report's machine line: the GPU's name where one trains, and the CPU cores beside it."""
+    cores = f"{os.cpu_count()} CPU cores"
+    return f"{torch.cuda.get_device_name(0)}, {cores}" if device.startswith("cuda") else cores
+
+
 def beats(a: dict, b: dict) -> bool:
     """The benchmark's trade-off rule between two rows (shares in [0, 1])."""
     diff = {k: sign * (a[k] - b[k]) for k, sign in TRADE_OFF.items()}  # > 0: a is better
@@ -155,6 +164,8 @@ def main(argv=None):
                    help='measure only these rows (e.g. "vdu (prompt)"), keeping the other rows of the report '
                         "already in --out; the grid then shows the reference rows and these")
     p.add_argument("--cache", default=str(ROOT / "cache"))
+    p.add_argument("--device", default="cpu", help="where the models train and sample (cpu, cuda); the evaluator "
+                   "always runs on the CPU")
     p.add_argument("--fresh", action="store_true",
                    help="measure the original and retrained models again, not from the cache")
     args = p.parse_args(argv)
@@ -162,8 +173,8 @@ def main(argv=None):
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(EVALUATOR_DIR)
-    base = DiffusersBackend.load(MODEL_DIR, device="cpu")
-    report = {"machine": "2 CPU cores", "samples_per_cell": args.samples, "training_seeds": args.seeds,
+    base = DiffusersBackend.load(MODEL_DIR, device=args.device)
+    report = {"machine": machine(args.device), "samples_per_cell": args.samples, "training_seeds": args.seeds,
               "baseline_seeds": args.baseline_seeds, "concepts": {}}
     previous = out / "quality.json"
     if previous.exists():  # concepts run separately land in one report
@@ -184,14 +195,16 @@ def main(argv=None):
             grid_rows.append(grid_row)
             labels.append(name)
             print(f"  {name:28} " + "  ".join(f"{k}={rows[name].get(k)}" for k in KEYS), flush=True)
+            report["concepts"][concept] = {**kept, **rows}
+            write(report, out, t_run)  # a run stopped part-way keeps the rows it measured
 
         print(f"concept {concept!r}", flush=True)
         references = [("original", MODEL_DIR)]
         if not args.no_retrained:
-            references.append(("retrained without concept", retrained(concept, cache)))
+            references.append(("retrained without concept", retrained(concept, cache, args.device)))
         for name, model_dir in references:
             metrics, grid_row = reference_row(Path(model_dir), concept, cells, args.samples, evaluator, real,
-                                              cache, args.fresh)
+                                              cache, args.fresh, args.device)
             record(name, metrics, 0.0, 0, grid_row)
         grids, grid_images = {}, {}
         for name, objective, n_images, extra, group in runs(concept, args.forget_images, args.keep_row):
@@ -222,13 +235,17 @@ def main(argv=None):
             record(f"{best} (best of {len(grid)})", grid[best], grid[best]["seconds"], grid[best]["steps"],
                    grid_images[best])
         report["concepts"][concept] = {**kept, **rows} if args.only else rows
-        if not args.only:
-            report.setdefault("baseline_grids", {})[concept] = grids
+        if grids:
+            report.setdefault("baseline_grids", {}).setdefault(concept, {}).update(grids)
         to_pil_grid(grid_rows, labels, [f"{c.colour} {c.shape}" for c in cells]).save(out / f"grid_{concept}.png")
+    write(report, out, t_run)
+    print(markdown(report))
+
+
+def write(report: dict, out: Path, t_run: float):
     report["seconds_this_run"] = round(time.time() - t_run, 1)
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "quality.md").write_text(markdown(report))
-    print(markdown(report))
 
 
 def markdown(report) -> str:

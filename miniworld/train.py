@@ -51,9 +51,10 @@ def encode_all(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)])
 
 
-def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, batch: int = 64, lr: float = 3e-3):
+def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, batch: int = 64, lr: float = 3e-3,
+                   device: str = "cpu"):
     torch.manual_seed(seed)
-    unet, text = build_unet(), build_text_encoder(len(tokenizer))
+    unet, text = build_unet().to(device), build_text_encoder(len(tokenizer)).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_sched = build_scheduler()
     ac = noise_sched.alphas_cumprod
@@ -73,9 +74,9 @@ def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, bat
         t = torch.randint(0, 1000, (batch,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = ac[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = unet(x_t, t, text(tok)[0]).sample
-        loss = F.mse_loss(pred, eps)
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).to(device)  # drawn on the CPU: the same data on any device
+        pred = unet(x_t, t.to(device), text(tok.to(device))[0]).sample
+        loss = F.mse_loss(pred, eps.to(device))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -87,7 +88,7 @@ def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, bat
                 pe.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet {step}/{steps} loss {loss.item():.4f}")
-    return ema.eval(), text.eval(), noise_sched
+    return ema.cpu().eval(), text.cpu().eval(), noise_sched
 
 
 def main(argv=None):
@@ -101,6 +102,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the UNet and text encoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the UNet and text encoder train (cpu, cuda)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -127,7 +129,7 @@ def main(argv=None):
     log(f"latents {tuple(latents.shape)} scale {scale:.4f}")
     tokenizer = write_clip_tokenizer(out / "tokenizer", dataset.vocabulary(), MAX_TOKENS)
     unet, text, sched = train_denoiser(latents, [s.caption for s in samples], tokenizer, args.unet_steps,
-                                       args.seed, log, lr=args.lr)
+                                       args.seed, log, lr=args.lr, device=args.device)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
