@@ -50,7 +50,8 @@ def main(argv=None):
     print(f"\n{'':22}{'before':>10}{'after':>10}")
     for key, label in (("forget_rate", "forget rate (red)"), ("synonym_forget_rate", "forget rate (crimson…)"),
                        ("content_kept", "red prompts: shape kept"),
-                       ("neighbour_acc", "orange accuracy"), ("retain_acc", "retain accuracy")):
+                       ("neighbour_acc", "orange accuracy"), ("neighbour_shows_concept", "orange drawn red"),
+                       ("retain_acc", "retain accuracy")):
         print(f"{label:22}{before['metrics'][key]:>10.1%}{after['metrics'][key]:>10.1%}")
 
     cols = 8

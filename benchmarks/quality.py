@@ -234,9 +234,9 @@ def main(argv=None):
             best = best_of(grid)
             record(f"{best} (best of {len(grid)})", grid[best], grid[best]["seconds"], grid[best]["steps"],
                    grid_images[best])
-        report["concepts"][concept] = {**kept, **rows} if args.only else rows
-        if grids:
-            report.setdefault("baseline_grids", {}).setdefault(concept, {}).update(grids)
+        if grids or not args.only:  # --only keeps the grid rows it did not measure
+            measured_before = report.get("baseline_grids", {}).get(concept, {}) if args.only else {}
+            report.setdefault("baseline_grids", {})[concept] = {**measured_before, **grids}
         to_pil_grid(grid_rows, labels, [f"{c.colour} {c.shape}" for c in cells]).save(out / f"grid_{concept}.png")
     write(report, out, t_run)
     print(markdown(report))

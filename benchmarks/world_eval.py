@@ -149,7 +149,8 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
     list (the runs of one setting with different training seeds): the n samples of each set are
     split evenly among them, so the metrics average over training runs at the cost of one.
     Keys: `forget_rate`, `content_kept` and their `synonym_` twins; `neighbour_acc`,
-    `retain_acc`; per set the share of blank and of noise images (`blank_share`, `noise_share`
+    `retain_acc`, and the share of those sets' samples that show the concept (`neighbour_shows_concept`,
+    `retain_shows_concept`); per set the share of blank and of noise images (`blank_share`, `noise_share`
     for the forget set, `synonym_`, `neighbour_` and `retain_` for the others); `ufid`."""
     networks = network if isinstance(network, (list, tuple)) else [network]
     sets = prompt_sets(concept)
@@ -165,6 +166,8 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
         else:
             ok = [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
             result[f"{name}_acc"] = sum(ok) / n
+            # the concept drawn for prompts that do not name it: forgotten from its own prompts, moved to others'
+            result[f"{name}_shows_concept"] = sum(shows(concept, imgs, shapes)) / n
         result[f"{prefix}blank_share"] = sum(is_blank(imgs)) / n
         result[f"{prefix}noise_share"] = sum(is_noise(imgs)) / n
     if real_retain is not None:

@@ -128,7 +128,7 @@ def test_demo_writes_its_lora_grid_and_numbers(tmp_path, capsys):
     from safetensors import safe_open
     demo.main(["--out", str(tmp_path), "--samples", "8", "--steps", "3"])
     out = capsys.readouterr().out
-    assert "forget rate (red)" in out and "orange accuracy" in out
+    assert "forget rate (red)" in out and "orange accuracy" in out and "orange drawn red" in out
     with safe_open(str(tmp_path / "forget-red.safetensors"), "pt") as f:
         meta = f.metadata()
         assert meta["vdu_concept"] == "red" and meta["vdu_keep"] == ""  # nothing named to keep

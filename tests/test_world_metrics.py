@@ -81,8 +81,10 @@ def test_evaluate_reports_content_blank_and_noise_shares(evaluator):
     metrics = world_eval.evaluate(DiffusersBackend.load(MODEL_DIR, device="cpu"), evaluator, "red", 4)["metrics"]
     sets = ("", "synonym_", "neighbour_", "retain_")
     assert set(metrics) == {"forget_rate", "synonym_forget_rate", "content_kept", "synonym_content_kept",
-                            "neighbour_acc", "retain_acc", *(f"{s}{k}" for s in sets
-                                                             for k in ("blank_share", "noise_share"))}
-    # the model as trained draws a shape for every prompt
+                            "neighbour_acc", "retain_acc", "neighbour_shows_concept", "retain_shows_concept",
+                            *(f"{s}{k}" for s in sets for k in ("blank_share", "noise_share"))}
+    # the model as trained draws a shape for every prompt, and red only where a prompt names it
     assert all(metrics[f"{s}{k}"] == 0 for s in sets for k in ("blank_share", "noise_share"))
+    assert metrics["neighbour_shows_concept"] == 0 and metrics["retain_shows_concept"] == 0
+    assert metrics["forget_rate"] == 1
     assert 0 <= metrics["content_kept"] <= 1
