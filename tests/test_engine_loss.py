@@ -234,3 +234,43 @@ def test_neighbour_destinations_give_each_caption_one_neighbour():
     got = destination_prompts(run, [0, 1, 2, 0, 1], "neighbours")
     assert got == ["a orange circle", "a small blue square", "a orange one", "a orange circle", "a small blue square"]
     assert destination_prompts(run, [0, 1], "remove") == ["a circle", "a small square"]
+
+
+def test_held_neighbours_replay_the_forget_rows_under_a_neighbours_caption(tiny_sd1):
+    """Protection on the forget images by hand: forget row r is held under its caption with neighbour
+    r mod K in the concept's place ("a red circle" → "a blue circle" / "a green circle"), at the
+    frozen model's prediction, and the loss adds γ · replay · N · E‖ε_θ(x_t, c_w) − ε*(x_t, c_w)‖²
+    over the pass's rows."""
+    from vdu_engine.neighbours import Vicinity
+    from vdu_engine.objectives import VDU
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    run = _vdu_run(b, replay=10.0, gamma=0.5, destination=0.0)
+    run.vicinity = Vicinity(neighbours=["blue", "green"])
+    obj = VDU(run)
+    cond, index, ref, named = obj.held
+    pool = obj.pool
+    swapped = {"a red circle": "a {} circle", "a small red square": "a small {} square", "red": "{}"}
+    rows = torch.arange(8)
+    prompts = [swapped[run.all_captions[c]].format(["blue", "green"][r % 2])
+               for r, c in enumerate(pool.caption[rows].tolist())]
+    with torch.no_grad():
+        direct = b.denoise(pool.x_t[rows], pool.t[rows], b.encode_text(prompts))
+    torch.testing.assert_close(ref[rows], direct, rtol=1e-4, atol=1e-5)
+    assert bool(named.all())  # every caption names the concept
+    with torch.no_grad():
+        for layer in run.network.layers.values():
+            layer.up.normal_(0, 0.1)
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    part = slice(0, 2)
+    with run.network.attached(), torch.no_grad():
+        total = obj.loss(batch, part)[0]
+        held, obj.held = obj.held, None
+        without = obj.loss(batch, part)[0]
+        obj.held = held
+        r = batch["rows"][part]
+        mine = [swapped[run.all_captions[c]].format(["blue", "green"][i % 2])
+                for i, c in zip(r.tolist(), pool.caption[r].tolist())]
+        adapted = b.denoise(pool.x_t[r], pool.t[r], b.encode_text(mine))
+    hand = ((adapted - ref[r]) ** 2).flatten(1).mean(1).mean()
+    assert hand > 0
+    torch.testing.assert_close(total - without, 0.5 * 10.0 * 3 * hand, rtol=1e-4, atol=1e-6)

@@ -12,11 +12,11 @@ v for v-prediction models), target the true ε (or v), and ε* the loaded model 
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 
-from .backend import cond_cat, cond_index
+from .backend import checked_text, cond_cat, cond_index
 from .pools import PredictionPool
 
 Stats = Dict[str, torch.Tensor]
@@ -42,7 +42,9 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
 
     - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
       function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
-      preservation prompts (`VDU`), which the diagonal prior alone misses.
+      preservation prompts (`VDU`), which the diagonal prior alone misses, and the same on the
+      forget images under their captions with a neighbour in the concept's place (c_w: "a red
+      circle" → "an orange circle"), so the concept does not move into its neighbours' prompts.
     - the plasticity inducer (`err`, weight λ = `plasticity`) lowers the likelihood of the forget
       images x under c; each sample's error is capped at b_t (`bound`, a multiple of the frozen
       model's own error at t), past which it gives no gradient: the paper's term is unbounded below.
@@ -79,6 +81,14 @@ def guided_away(toward: torch.Tensor, concept: torch.Tensor, eta: float) -> torc
     """toward − η (concept − toward): a negative prompt of strength η (ESD's target with
     toward = ε*(x_t, ∅); VDU's destination with toward = ε*(x_t, c⁻))."""
     return toward - eta * (concept - toward)
+
+
+class HeldNeighbours(NamedTuple):
+    """The forget pool's rows under their captions with a neighbour in the concept's place (VDU._held_neighbours)."""
+    cond: Dict[str, torch.Tensor]  # the distinct neighbour captions, encoded
+    index: torch.Tensor  # per pool row: its caption's index in cond
+    ref: torch.Tensor  # per pool row: the frozen model's prediction under it
+    named: torch.Tensor  # per pool row: whether its caption names the concept (the others hold nothing)
 
 
 class Objective:
@@ -163,6 +173,23 @@ class VDU(Objective):
         self.dest = run.destination_pool()
         self.goal = guided_away(self.dest.ref, self.dest.target, cfg.anchor_guidance) if self.dest is not None else None
         self.n_replay = cfg.replay_batch or cfg.batch_size
+        self.held = self._held_neighbours() if cfg.hold_neighbours and cfg.replay > 0 else None
+
+    def _held_neighbours(self):
+        """Per forget row, its caption with one of the vicinity's neighbours in the concept's place (row r takes
+        neighbour r mod K, so each neighbour meets every context) and the frozen model's prediction for it."""
+        run, pool = self.run, self.pool
+        words = run.vicinity.neighbours
+        if not words or run.concept_words is None:
+            return None
+        captions = [run.all_captions[c] for c in pool.caption.tolist()]
+        prompts = [run.concept_words.sub(words[r % len(words)], c) for r, c in enumerate(captions)]
+        uniq = sorted(set(prompts))
+        with torch.no_grad():
+            cond = checked_text(run.backend, uniq)
+        index = torch.tensor([uniq.index(p) for p in prompts], device=pool.t.device)
+        named = torch.tensor([p != c for p, c in zip(prompts, captions)], device=pool.t.device)
+        return HeldNeighbours(cond, index, pool._predict(run, cond, index), named)
 
     def draw(self, g):
         batch = super().draw(g)
@@ -190,9 +217,12 @@ class VDU(Objective):
             extras.append(self._extra(self.replay, replay, cond_index(self.replay.cond, self.replay.caption[replay])))
         if dest is not None:
             extras.append(self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest])))
+        if self.held is not None:
+            extras.append(self._extra(pool, rows, cond_index(self.held.cond, self.held.index[rows])))
         pred, preds = self._forward(rows, extras)
         pred_r = preds[0] if replay is not None else None
-        pred_d = preds[-1] if dest is not None else None
+        pred_d = preds[1 if replay is not None else 0] if dest is not None else None
+        pred_h = preds[-1] if self.held is not None else None
         err = denoising_error(pred, pool.target[rows])
         bound = cfg.bound * self.profile[pool.bucket(rows)] if self.profile is not None else torch.zeros_like(err)
         # Replay and destination rows: summed over this pass's rows and divided by its share of the batch,
@@ -204,6 +234,10 @@ class VDU(Objective):
         if pred_r is not None:
             # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖²
             stability = stability + cfg.replay * n * denoising_error(pred_r, self.replay.ref[replay]).sum() * share
+        if pred_h is not None:
+            # replay · N · E‖ε_θ(x_t, c_w) − ε*(x_t, c_w)‖² on the forget rows, under a neighbour's caption
+            held = denoising_error(pred_h, self.held.ref[rows]) * self.held.named[rows]
+            stability = stability + cfg.replay * n * held.mean()
         loss = vdu_loss(stability, err, bound, cfg.destination * destination, cfg.gamma, n, cfg.plasticity)
         if cfg.variational:
             loss = loss - cfg.gamma * run.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
