@@ -113,13 +113,13 @@ def lora_steps(backend, cfg, forget):
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def compare_objectives(backend, forget, cache, resolution, batch, rounds, steps):
+def compare_objectives(backend, forget, cache, resolution, batch, rounds, steps, objectives=OBJECTIVES):
     """Median seconds per step of the LoRA baseline and each objective, in alternating rounds."""
-    times = {"lora (peft)": [], **{k: [] for k in OBJECTIVES}}
+    times = {"lora (peft)": [], **{k: [] for k in objectives}}
     timings = {}
     for _ in range(rounds):
         times["lora (peft)"] += lora_steps(backend, run_config(cache, resolution, steps, batch), forget)
-        for name, kw in OBJECTIVES.items():
+        for name, kw in objectives.items():
             dt, result = engine_steps(backend, run_config(cache, resolution, steps, batch, **kw), forget)
             times[name] += dt
             timings[name] = result.timings

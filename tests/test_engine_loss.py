@@ -204,6 +204,24 @@ def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt
     torch.testing.assert_close(total - without_dest, 0.5 * 3 * 2.0 * hand, rtol=1e-4, atol=1e-6)
 
 
+def test_a_neighbour_destination_is_its_prompts_own_prediction_not_pushed_past(tiny_sd1):
+    """With the nearest neighbour in the concept's place ("a red circle" → "a blue circle"), the goal is
+    ε*(x_t, c_w) itself: the neighbour does not draw the concept, so --anchor-guidance does not push past it."""
+    from vdu_engine.neighbours import Vicinity
+    from vdu_engine.objectives import VDU
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    run = _vdu_run(b, destination_mode="neighbours", anchor_guidance=2.0, replay=0.0)
+    run.vicinity = Vicinity(neighbours=["green", "blue"], ratios={"green": 3.0, "blue": 1.5})
+    obj = VDU(run)
+    assert run.destination.mode == "neighbours" and run.destination.neighbour == "blue"
+    assert set(run.destination.prompts) == {"a blue circle", "a small blue square", "blue"}
+    rows = torch.arange(6)
+    caps = [run.all_captions[i] for i in obj.dest.caption[rows].tolist()]
+    with torch.no_grad():
+        toward = b.denoise(obj.dest.x_t[rows], obj.dest.t[rows], b.encode_text([c.replace("red", "blue") for c in caps]))
+    torch.testing.assert_close(obj.goal[rows], toward, rtol=1e-4, atol=1e-5)
+
+
 def test_one_negative_prompt_per_prompt_guides_each_image_away_from_its_own(tiny_sd1):
     """ε(c_neg) + w (ε(c) − ε(c_neg)) with each prompt's own negative: the same latents as drawing each
     prompt alone with its negative; a list of the wrong length is refused."""
@@ -221,18 +239,20 @@ def test_one_negative_prompt_per_prompt_guides_each_image_away_from_its_own(tiny
         ddim_latents(b, prompts, 3, 2, 5.0, negative=negatives[:1])
 
 
-def test_neighbour_destinations_give_each_caption_one_neighbour():
-    """In neighbours mode each caption takes one neighbour in the concept's place, always the same
-    one (several neighbours' predictions for one caption would average into none of them)."""
+def test_neighbour_destinations_put_the_nearest_neighbour_in_every_caption():
+    """In neighbours mode every caption takes the same neighbour in the concept's place: the one whose
+    swap changes the frozen model's prediction least (the smallest ratio). Different neighbours per
+    caption would blend, between captions, into a mixture of far-apart concepts."""
     from types import SimpleNamespace
     from vdu_engine.config import UnlearnConfig
     from vdu_engine.destination import destination_prompts
     from vdu_engine.neighbours import word_pattern
     run = SimpleNamespace(all_captions=["a red circle", "a small red square", "a red one"],
                           concept_words=word_pattern(["red"]), cfg=UnlearnConfig(concept="red"),
-                          vicinity=SimpleNamespace(neighbours=["orange", "blue"]))
+                          vicinity=SimpleNamespace(neighbours=["blue", "orange", "green"],
+                                                   ratios={"blue": 2.8, "orange": 1.1, "green": 6.0}))
     got = destination_prompts(run, [0, 1, 2, 0, 1], "neighbours")
-    assert got == ["a orange circle", "a small blue square", "a orange one", "a orange circle", "a small blue square"]
+    assert got == ["a orange circle", "a small orange square", "a orange one", "a orange circle", "a small orange square"]
     assert destination_prompts(run, [0, 1], "remove") == ["a circle", "a small square"]
 
 

@@ -56,17 +56,17 @@ def test_preservation_prompts_take_synonyms_out_and_neighbours_in():
     assert without("a Red circle", word_pattern(["red"])) == "a circle"
 
 
-def test_the_destination_check_draws_away_from_a_concept_the_model_falls_back_on(monkeypatch):
+def test_the_destination_check_sends_a_concept_the_model_falls_back_on_to_its_nearest_neighbour():
     """On the mini model, whose every training caption names a colour, a caption with its colour
     taken out falls back on red: "a large circle" is drawn red, so red's destination (the caption
-    without red) would hold red in place; drawn again with the caption naming red as the negative
-    prompt, it no longer shows red and is kept. A caption with its shape taken out ("a large blue
-    on a grey background") is drawn as a blue square, so circle's destination is kept as drawn.
-    The check is the frozen model's own diffusion classifier, on images it draws before training;
-    where even the images drawn away show the concept, the destination is dropped."""
+    without red) would hold red in place. The check, the frozen model's own diffusion classifier on
+    images it draws before training, finds red there, and the captions with red's nearest neighbour
+    (the smallest prediction change of the vicinity's neighbours) in its place are drawn instead. A
+    caption with its shape taken out ("a large blue on a grey background") is drawn as a blue square,
+    so circle's destination is kept as drawn."""
     from benchmarks import world_eval
     from miniworld import MODEL_DIR
-    from vdu_engine import DiffusersBackend, destination
+    from vdu_engine import DiffusersBackend
     from vdu_engine.destination import note, plan
     from vdu_engine.train import Run, frozen
     b = DiffusersBackend.load(MODEL_DIR, device="cpu")
@@ -76,14 +76,14 @@ def test_the_destination_check_draws_away_from_a_concept_the_model_falls_back_on
         with torch.inference_mode(False), frozen(b):
             run = Run(b, cfg).setup(world_eval.forget_images(concept, 8))
             assert run.vicinity.neighbours, concept
-            return plan(run)
-    red, circle, unchecked = planned("red"), planned("circle"), planned("red", check=False)
-    assert red.mode == "remove" and red.away and red.plain_share > 0.5 and red.share <= 0.5
-    assert note(red, 1.0).startswith("the caption without the concept, drawn away from the concept's caption")
+            return run, plan(run)
+    (red_run, red), (_, circle), (_, unchecked) = planned("red"), planned("circle"), planned("red", check=False)
+    ratios = red_run.vicinity.ratios
+    nearest = min(red_run.vicinity.neighbours, key=ratios.get)
+    assert red.mode == "neighbours" and red.share > 0.5 and red.neighbour == nearest
+    assert all(p == red_run.concept_words.sub(nearest, red_run.all_captions[s]) for p, s in zip(red.prompts, red.sources))
+    assert note(red, 1.0).startswith(f"the captions with its nearest neighbour, {nearest!r}, in the concept's place")
     assert len(red.latents) == 8 and not torch.allclose(red.latents, unchecked.latents)
-    assert circle.mode == "remove" and not circle.away and circle.share <= 0.5 and circle.plain_share is None
-    assert note(circle, 1.0).startswith("the caption without the concept (it draws")
-    assert unchecked.mode == "remove" and unchecked.share is None and not unchecked.away
-    monkeypatch.setattr(destination, "SHOWS_CONCEPT_SHARE", -1.0)  # every image counts as showing it
-    dropped = planned("red")
-    assert dropped.mode == "dropped" and dropped.latents is None and note(dropped, 1.0).startswith("false")
+    assert circle.mode == "remove" and circle.share <= 0.5
+    assert note(circle, 1.0).startswith("the caption without the concept (it draws the concept in")
+    assert unchecked.mode == "remove" and unchecked.share is None and note(unchecked, 1.0) == "the caption without the concept"

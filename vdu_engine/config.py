@@ -70,10 +70,11 @@ class UnlearnConfig:
         "out (off: always take it out)"})
     destination_mode: str = field(default="auto", metadata={"help":
         "what the concept's prompts draw instead: remove (the caption without the concept) | neighbours (the "
-        "caption with a nearby concept in its place) | auto (remove, or none where the model still draws the "
-        "concept without its word)"})
+        "caption with the concept's nearest neighbour in its place) | auto (remove, or neighbours where the model "
+        "still draws the concept without its word)"})
     anchor_guidance: float = field(default=1.0, metadata={"help":
-        "strength of the destination's negative guidance"})
+        "strength of the destination's negative guidance, away from the concept (remove and anchor; a neighbour "
+        "is not pushed past)"})
     plasticity: float = field(default=1.0, metadata={"help":
         "vdu: weight of the bounded plasticity inducer, the term that makes the model forget"})
     neighbours: int = field(default=8, metadata={"help":

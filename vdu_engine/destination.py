@@ -9,22 +9,23 @@ pull acts where sampling goes: on images without the concept, at every noise lev
 
 The destination prompt of a caption c naming the concept:
 - `remove`: c⁻, c with the concept taken out ("a red circle" → "a circle");
-- `neighbours`: c with one of the concept's neighbours in its place ("an orange circle", "a green
-  circle", each caption always with the same neighbour), so the concept's prompts draw the rest of
-  what they ask in one of the concept's alternatives;
+- `neighbours`: c with the concept's nearest neighbour in its place ("an orange circle"): of the
+  neighbours the vicinity found (words the frozen model draws differently), the one whose swap
+  changes its prediction least. One neighbour for every caption: the deltas are linear in the text
+  embeddings, so different neighbours for different captions blend, on prompts between them, into
+  a mixture of far-apart concepts, which the model draws as none of them (on the mini model the
+  mean of five colours' conditionings loses the shapes, while any blend of red and orange keeps
+  them; docs/quality/tuning.md, 2026-12-05);
 - `auto` (the default): `remove`, checked. A model trained on captions that always name the
   concept's kind (every image has a colour) falls back on a default when the word is missing; when
-  that default is the concept ("a circle" drawn red), c⁻ would hold the concept in place. Whether
-  the concept is still there is asked of the frozen model itself, as a diffusion classifier
-  (`neighbours.concept_share`). If it is, c⁻ is drawn again away from c, as users of Stable
-  Diffusion steer away from what they do not want: c is the negative prompt, classifier-free
-  guidance ε(c) + w (ε(c⁻) − ε(c)) in place of ε(∅) + w (ε(c⁻) − ε(∅)). What c and c⁻ share (the
-  rest of the caption) is in both terms; what the concept adds is pushed away. If the check still
-  finds the concept, the destination is dropped (the run forgets with the plasticity inducer and
-  the stability terms alone). Drawing away is not the first choice: where c⁻ is already free of
-  the concept it changes more than the concept (on the mini model circle's prompts lost their
-  colours, docs/quality/tuning.md, 2026-12-04). The neighbours are not taken instead either: on the
-  mini model they forget red no further and lose the shapes red's prompts ask for (2026-12-03).
+  that default is the concept ("a circle" drawn red), c⁻ would hold the concept in place, and its
+  images are a prompt the model barely knows (the mini model draws shapes poorly without a colour).
+  Whether the concept is still there is asked of the frozen model itself, as a diffusion classifier
+  (`neighbours.concept_share`). If it is, the nearest neighbour takes the concept's place instead:
+  a prompt of the kind the model was trained on, which by construction does not draw the concept.
+  It is not the first choice: where c⁻ is free of the concept it is the more generic destination
+  (a style's prompts drawn in no particular style, not in the nearest other one), and on the mini
+  model circle's prompts, sent to the ellipse, still read as circles in half the samples.
 A user's anchor replaces all of these.
 """
 
@@ -43,13 +44,19 @@ CHECK_IMAGES = 8  # of the destination's images, the ones the auto mode's check 
 
 @dataclass
 class Destination:
-    latents: Optional[torch.Tensor]  # the frozen model's images for the destination prompts (None: dropped)
+    latents: torch.Tensor  # the frozen model's images for the destination prompts
     sources: List[int]  # per image: index (in run.all_captions) of the caption naming the concept it trains
     prompts: List[str]  # per image: the destination prompt it was drawn for
-    mode: str  # remove | neighbours | anchor | dropped
-    share: Optional[float] = None  # the check's share of these images still showing the concept (None: not checked)
-    away: bool = False  # drawn with the caption naming the concept as the negative prompt
-    plain_share: Optional[float] = None  # with `away`: the check's share for c⁻ drawn plainly
+    mode: str  # remove | neighbours | anchor
+    share: Optional[float] = None  # the check's share of c⁻ images still showing the concept (None: not checked)
+    neighbour: str = ""  # in neighbours mode: the word in the concept's place
+
+    @property
+    def guidance(self) -> bool:
+        """Whether the goal is guided away from the concept (η, `anchor_guidance`). Not for a neighbour: its
+        prompt does not draw the concept, and pushing past it leaves what the model draws (red prompts pushed
+        past orange lost their shapes, docs/quality/tuning.md, 2026-12-05)."""
+        return self.mode != "neighbours"
 
 
 def destination_prompts(run, sources: List[int], mode: str) -> List[str]:
@@ -59,16 +66,17 @@ def destination_prompts(run, sources: List[int], mode: str) -> List[str]:
         return [run.cfg.anchor] * len(caps)
     if mode == "remove":
         return [without(c, run.concept_words) for c in caps]
-    words = run.vicinity.neighbours
-    # Each caption takes one neighbour (its index mod K), always the same one: several neighbours'
-    # predictions for one caption would average into none of them.
-    return [run.concept_words.sub(words[s % len(words)], c) for s, c in zip(sources, caps)]
+    return [run.concept_words.sub(nearest_neighbour(run.vicinity), c) for c in caps]
+
+
+def nearest_neighbour(vicinity) -> str:
+    """The neighbour whose swap into the concept's place changes the frozen model's prediction least."""
+    return min(vicinity.neighbours, key=lambda w: vicinity.ratios.get(w, float("inf")))
 
 
 def plan(run) -> Optional[Destination]:
     """The destination's images for this run; None when it has none (its weight is 0, or no caption
-    names the concept); mode "dropped" when the auto mode's check finds the concept still drawn for c⁻,
-    drawn plainly and drawn away from c."""
+    names the concept). In auto mode, the nearest neighbour's when the check finds c⁻ still drawing the concept."""
     cfg = run.cfg
     if cfg.destination <= 0 or run.concept_words is None:
         return None
@@ -83,26 +91,21 @@ def plan(run) -> Optional[Destination]:
     dest = _draw(run, sources, mode)
     if not (cfg.destination_mode == "auto" and not cfg.anchor and cfg.destination_check and run.vicinity.neighbours):
         return dest
-    dest.share = _check(run, dest)
-    if dest.share <= SHOWS_CONCEPT_SHARE:
-        return dest
-    # The model falls back on the concept when its word is missing: draw c⁻ away from c instead.
-    away = _draw(run, sources, mode, away=True)
-    away.share, away.plain_share = _check(run, away), dest.share
-    if away.share > SHOWS_CONCEPT_SHARE:
-        return Destination(None, [], [], "dropped", away.share, plain_share=dest.share)
-    return away
+    share = _check(run, dest)
+    if share > SHOWS_CONCEPT_SHARE:  # the model falls back on the concept when its word is missing
+        dest = _draw(run, sources, "neighbours")
+    dest.share = share
+    return dest
 
 
-def _draw(run, sources: List[int], mode: str, away: bool = False) -> Destination:
-    """The frozen model's images for the sources' destination prompts; with `away`, each drawn with
-    its caption naming the concept as the negative prompt."""
+def _draw(run, sources: List[int], mode: str) -> Destination:
+    """The frozen model's images for the sources' destination prompts."""
     prompts = destination_prompts(run, sources, mode)
-    negative = [run.all_captions[i] for i in sources] if away else ""
     with torch.no_grad(), run.network.disabled():
         latents = ddim_latents(run.backend, prompts, run.cfg.seed + 20_000, run.cfg.sample_steps, run.cfg.guidance,
-                               run.resolution, negative=negative)
-    return Destination(latents, sources, prompts, mode, away=away)
+                               run.resolution)
+    return Destination(latents, sources, prompts, mode,
+                       neighbour=nearest_neighbour(run.vicinity) if mode == "neighbours" else "")
 
 
 def _check(run, dest: Destination) -> float:
@@ -121,11 +124,10 @@ def note(dest: Optional[Destination], weight: float) -> str:
     """The run's metadata: which destination trained, and what the check found."""
     if dest is None:
         return "false" if weight <= 0 else "false: no caption names the concept"
-    plain = "" if dest.plain_share is None else f"drawn plainly {dest.plain_share:.0%}, "
-    if dest.mode == "dropped":
-        return (f"false: the caption without the concept still draws it ({plain}drawn away from the concept "
-                f"{dest.share:.0%} of checked images)")
-    found = "" if dest.share is None else f" (it draws the concept in {plain}{dest.share:.0%} of checked images)"
-    what = {"remove": "the caption without the concept", "anchor": "the anchor",
-            "neighbours": "the captions with a neighbour in the concept's place"}[dest.mode]
-    return what + (", drawn away from the concept's caption" if dest.away else "") + found
+    share = "" if dest.share is None else f"{dest.share:.0%} of checked images"
+    if dest.mode == "remove":
+        return "the caption without the concept" + (f" (it draws the concept in {share})" if share else "")
+    if dest.mode == "neighbours":
+        why = f" (the caption without the concept draws it in {share})" if share else ""
+        return f"the captions with its nearest neighbour, {dest.neighbour!r}, in the concept's place" + why
+    return "the anchor"

@@ -12,11 +12,11 @@ v for v-prediction models), target the true ε (or v), and ε* the loaded model 
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from .backend import checked_text, cond_cat, cond_index
+from .backend import cond_cat, cond_index
 from .pools import PredictionPool
 
 Stats = Dict[str, torch.Tensor]
@@ -110,14 +110,16 @@ class Objective:
     def should_stop(self, ema: Dict[str, float]) -> bool:
         return False
 
-    def _forward(self, rows, extras=()):
-        """ε_θ on pool rows, and on each extra (x_t, t, cond) riding in the same forward pass."""
+    def _forward(self, rows, extras: Optional[Dict[str, tuple]] = None):
+        """ε_θ on pool rows, and on each named extra (x_t, t, cond) riding in the same forward pass; an
+        extra with no rows gets None."""
         run, p = self.run, self.pool
-        parts = [(p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows]))] + [e for e in extras if len(e[0])]
+        extras = {k: e for k, e in (extras or {}).items() if len(e[0])}
+        parts = [(p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows]))] + list(extras.values())
         pred = run.denoise(torch.cat([x for x, _, _ in parts]), torch.cat([t for _, t, _ in parts]),
                            cond_cat([c for _, _, c in parts]))
-        out = list(pred.split([len(x) for x, _, _ in parts]))
-        return out[0], [out.pop(1) if len(e[0]) else None for e in extras]
+        out = pred.split([len(x) for x, _, _ in parts])
+        return out[0], dict(zip(extras, out[1:]))
 
 
 class GradientAscent(Objective):
@@ -171,9 +173,17 @@ class VDU(Objective):
         self.profile = run.bound_profile() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
         self.dest = run.destination_pool()
-        self.goal = guided_away(self.dest.ref, self.dest.target, cfg.anchor_guidance) if self.dest is not None else None
+        self.goal = self._destination_goal()
         self.n_replay = cfg.replay_batch or cfg.batch_size
         self.held = self._held_neighbours() if cfg.hold_neighbours and cfg.replay > 0 else None
+
+    def _destination_goal(self):
+        """ε_dest per destination row: the destination prompt's prediction, guided away from the concept where
+        the destination says so (destination.Destination.guidance)."""
+        if self.dest is None:
+            return None
+        eta = self.run.cfg.anchor_guidance if self.run.destination.guidance else 0.0
+        return guided_away(self.dest.ref, self.dest.target, eta)
 
     def _held_neighbours(self):
         """Per forget row, its caption with one of the vicinity's neighbours in the concept's place (row r takes
@@ -184,12 +194,8 @@ class VDU(Objective):
             return None
         captions = [run.all_captions[c] for c in pool.caption.tolist()]
         prompts = [run.concept_words.sub(words[r % len(words)], c) for r, c in enumerate(captions)]
-        uniq = sorted(set(prompts))
-        with torch.no_grad():
-            cond = checked_text(run.backend, uniq)
-        index = torch.tensor([uniq.index(p) for p in prompts], device=pool.t.device)
         named = torch.tensor([p != c for p, c in zip(prompts, captions)], device=pool.t.device)
-        return HeldNeighbours(cond, index, pool._predict(run, cond, index), named)
+        return HeldNeighbours(*pool.frozen_per_row(run, prompts), named)
 
     def draw(self, g):
         batch = super().draw(g)
@@ -212,17 +218,16 @@ class VDU(Objective):
         run, cfg, pool, n = self.run, self.run.cfg, self.pool, self.run.n_forget
         rows = batch["rows"][part]
         replay, dest = self._share_of(batch, "replay", part), self._share_of(batch, "dest", part)
-        extras = []
+        extras = {}
         if replay is not None:
-            extras.append(self._extra(self.replay, replay, cond_index(self.replay.cond, self.replay.caption[replay])))
+            replay_cond = cond_index(self.replay.cond, self.replay.caption[replay])
+            extras["replay"] = self._extra(self.replay, replay, replay_cond)
         if dest is not None:
-            extras.append(self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest])))
+            extras["dest"] = self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest]))
         if self.held is not None:
-            extras.append(self._extra(pool, rows, cond_index(self.held.cond, self.held.index[rows])))
+            extras["held"] = self._extra(pool, rows, cond_index(self.held.cond, self.held.index[rows]))
         pred, preds = self._forward(rows, extras)
-        pred_r = preds[0] if replay is not None else None
-        pred_d = preds[1 if replay is not None else 0] if dest is not None else None
-        pred_h = preds[-1] if self.held is not None else None
+        pred_r, pred_d, pred_h = preds.get("replay"), preds.get("dest"), preds.get("held")
         err = denoising_error(pred, pool.target[rows])
         bound = cfg.bound * self.profile[pool.bucket(rows)] if self.profile is not None else torch.zeros_like(err)
         # Replay and destination rows: summed over this pass's rows and divided by its share of the batch,

@@ -21,6 +21,14 @@ N_BOUND_BUCKETS = 10
 FROZEN_NAN = "the frozen UNet's predictions (made before training) are non-finite (nan/inf) for {bad} of {total} inputs"
 
 
+def encoded_per_row(backend, prompts: List[str]):
+    """(cond, index): each distinct prompt through the text encoder once, and per prompt its row in cond."""
+    uniq = sorted(set(prompts))
+    with torch.no_grad():
+        cond = checked_text(backend, uniq)
+    return cond, torch.tensor([uniq.index(p) for p in prompts])
+
+
 class PredictionPool:
     def __init__(self, x_t, t, caption, target=None, ref=None, cond=None, buckets=N_BOUND_BUCKETS, T=1000):
         self.x_t, self.t, self.caption = x_t, t, caption  # caption: row → index of its conditioning
@@ -67,14 +75,16 @@ class PredictionPool:
         width = max(len(p) for p in per_row)
         if any(len(p) != width for p in per_row):
             raise ValueError("every row needs the same number of destination prompts")
-        prompts = sorted({q for p in per_row for q in p})
-        with torch.no_grad():
-            cond = checked_text(run.backend, prompts)
-        total = 0
-        for k in range(width):
-            index = torch.tensor([prompts.index(p[k]) for p in per_row], device=self.t.device)
-            total = total + self._predict(run, cond, index)
-        return total / width
+        cond, index = encoded_per_row(run.backend, [q for p in per_row for q in p])
+        index = index.to(self.t.device).view(len(per_row), width)
+        return sum(self._predict(run, cond, index[:, k]) for k in range(width)) / width
+
+    def frozen_per_row(self, run, prompts: List[str]):
+        """(cond, index, ε*): ε* on row r for prompts[r], each distinct prompt encoded once (cond, with
+        index: row → its prompt in cond)."""
+        cond, index = encoded_per_row(run.backend, prompts)
+        index = index.to(self.t.device)
+        return cond, index, self._predict(run, cond, index)
 
     def frozen_named(self, run) -> torch.Tensor:
         """ε* on every row for its own caption."""

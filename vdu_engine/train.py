@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import __version__
-from .backend import Backend, checked_text, cond_index
+from .backend import Backend, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
 from .distributed import Workers
@@ -31,10 +31,10 @@ from .errors import VDUError, require_finite
 from .layers import select_targets
 from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
-from .destination import Destination, note as destination_note, plan
+from .destination import Destination, nearest_neighbour, note as destination_note, plan
 from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
 from .objectives import REGISTRY, denoising_error
-from .pools import N_BOUND_BUCKETS, PredictionPool
+from .pools import N_BOUND_BUCKETS, PredictionPool, encoded_per_row
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
 from .sampling import ddim_latents
@@ -102,10 +102,7 @@ def _prompt_only_captions(cfg) -> List[str]:
 
 def _encode_unique(backend, prompts):
     """Each distinct prompt through the text encoder once; rows gathered per prompt."""
-    uniq = sorted(set(prompts))
-    with torch.no_grad():
-        cond = checked_text(backend, uniq)
-    index = torch.tensor([uniq.index(p) for p in prompts])
+    cond, index = encoded_per_row(backend, prompts)
     return cond_index(cond, index.to(next(iter(cond.values())).device))
 
 
@@ -273,7 +270,7 @@ class Run:
         if self.concept_words is None or not self.concept_words.search(caption):
             return ""
         if self.cfg.destination_mode == "neighbours" and self.vicinity.neighbours:
-            return [self.concept_words.sub(w, caption) for w in self.vicinity.neighbours]
+            return self.concept_words.sub(nearest_neighbour(self.vicinity), caption)
         return without(caption, self.concept_words)
 
     def destination_pool(self):
@@ -281,7 +278,7 @@ class Run:
         t0 = time.perf_counter()
         self.destination = plan(self)
         self.timings["destination"] = time.perf_counter() - t0
-        if self.destination is None or self.destination.latents is None:
+        if self.destination is None:
             return None
         return PredictionPool.of_destination(self, self.destination)
 
