@@ -42,6 +42,7 @@ def main(argv=None):
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")
     print(f"  synonyms found and forgotten: {result.metadata['vdu_synonyms_found'] or 'none'}")
     print(f"  neighbours found and held: {result.metadata['vdu_neighbours_held'] or 'none'}")
+    print(f"  where red's prompts go: {result.metadata['vdu_destination_used']}")
     lora = result.save(out / f"forget-{CONCEPT}.safetensors", overwrite=True)
     print(f"  wrote {lora}")
 

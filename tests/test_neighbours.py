@@ -81,9 +81,11 @@ def test_the_destination_check_sends_a_concept_the_model_falls_back_on_to_its_ne
     ratios = red_run.vicinity.ratios
     nearest = min(red_run.vicinity.neighbours, key=ratios.get)
     assert red.mode == "neighbours" and red.share > 0.5 and red.neighbour == nearest
-    assert all(p == red_run.concept_words.sub(nearest, red_run.all_captions[s]) for p, s in zip(red.prompts, red.sources))
+    swapped = [red_run.concept_words.sub(nearest, red_run.all_captions[s]) for s in red.sources]
+    assert red.prompts == swapped
     assert note(red, 1.0).startswith(f"the captions with its nearest neighbour, {nearest!r}, in the concept's place")
     assert len(red.latents) == 8 and not torch.allclose(red.latents, unchecked.latents)
     assert circle.mode == "remove" and circle.share <= 0.5
     assert note(circle, 1.0).startswith("the caption without the concept (it draws the concept in")
-    assert unchecked.mode == "remove" and unchecked.share is None and note(unchecked, 1.0) == "the caption without the concept"
+    assert unchecked.mode == "remove" and unchecked.share is None
+    assert note(unchecked, 1.0) == "the caption without the concept"

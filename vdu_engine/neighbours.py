@@ -114,7 +114,7 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
     return out
 
 
-# The destination is dropped when the concept's caption explains more than half of the destination's
+# c⁻ is replaced as the destination when the concept's caption explains more than half of the destination's
 # images better than its neighbours do: a majority vote, not a fit.
 SHOWS_CONCEPT_SHARE = 0.5
 
