@@ -7,7 +7,7 @@ one no-grad pass over the pool per run rather than one per step.
 
 from __future__ import annotations
 
-from typing import Callable, List, Union
+from typing import Callable, List
 
 import torch
 
@@ -65,19 +65,9 @@ class PredictionPool:
         return cls(b.schedule.add_noise(x0, eps, t), t, caption.to(b.device), target=b.schedule.target(x0, eps, t),
                    T=T)
 
-    def frozen(self, run, prompt_of: Callable[[int], Union[str, List[str]]]) -> torch.Tensor:
-        """ε* on every row for the prompt `prompt_of(caption index)` gives; the mean of ε* over the
-        prompts when it gives several."""
-        def listed(i):
-            p = prompt_of(i)
-            return [p] if isinstance(p, str) else list(p)
-        per_row = [listed(i) for i in self.caption.tolist()]
-        width = max(len(p) for p in per_row)
-        if any(len(p) != width for p in per_row):
-            raise ValueError("every row needs the same number of destination prompts")
-        cond, index = encoded_per_row(run.backend, [q for p in per_row for q in p])
-        index = index.to(self.t.device).view(len(per_row), width)
-        return sum(self._predict(run, cond, index[:, k]) for k in range(width)) / width
+    def frozen(self, run, prompt_of: Callable[[int], str]) -> torch.Tensor:
+        """ε* on every row for the prompt `prompt_of(caption index)` gives."""
+        return self.frozen_per_row(run, [prompt_of(i) for i in self.caption.tolist()])[2]
 
     def frozen_per_row(self, run, prompts: List[str]):
         """(cond, index, ε*): ε* on row r for prompts[r], each distinct prompt encoded once (cond, with
