@@ -1,9 +1,11 @@
 """Quick trials behind docs/quality/tuning.md: one training seed per setting, n samples per set.
 
-    python -m benchmarks.trial red,circle '{"orig": {}, "kv": {"layers": "cross_attention_kv"}}' 64
+    python -m benchmarks.trial red,circle '{"orig": {}, "kv": {"layers": "cross_attention_kv"}}' 64 [MODEL_DIR]
 
 Each setting is a name and UnlearnConfig fields (plus "images": forget images, 0 = prompt-only;
-default 32); the name "orig" measures the model as loaded.
+default 32); the name "orig" measures the model as loaded. MODEL_DIR (default: the bundled mini model) is
+another mini model, e.g. one `python -m miniworld.train --seed 1` trained, to check a default on a model
+the tuning never saw.
 """
 import json
 import sys
@@ -25,7 +27,7 @@ def rounded(metrics: dict) -> dict:
 concepts = sys.argv[1].split(",")
 settings = json.loads(sys.argv[2])
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 64
-backend = DiffusersBackend.load(MODEL_DIR, device="cpu")
+backend = DiffusersBackend.load(sys.argv[4] if len(sys.argv) > 4 else MODEL_DIR, device="cpu")
 evaluator = Evaluator(EVALUATOR_DIR)
 for concept in concepts:
     if "orig" in settings:
