@@ -112,7 +112,7 @@ class Objective:
 
     def _forward(self, rows, extras: Optional[Dict[str, tuple]] = None):
         """ε_θ on pool rows, and on each named extra (x_t, t, cond) riding in the same forward pass; an
-        extra with no rows gets None."""
+        extra with no rows is left out of the returned dict."""
         run, p = self.run, self.pool
         extras = {k: e for k, e in (extras or {}).items() if len(e[0])}
         parts = [(p.x_t[rows], p.t[rows], run.forget_cond(p.caption[rows]))] + list(extras.values())
