@@ -296,3 +296,27 @@ def test_held_neighbours_replay_the_forget_rows_under_a_neighbours_caption(tiny_
     hand = ((adapted - ref[r]) ** 2).flatten(1).mean(1).mean()
     assert hand > 0
     torch.testing.assert_close(total - without, 0.5 * 10.0 * 3 * hand, rtol=1e-4, atol=1e-6)
+
+
+def test_plasticity_bound_is_a_multiple_of_each_rows_own_frozen_error(tiny_sd1):
+    """Each forget row's cap, by hand: `bound` × ‖target − ε*(x_t, c)‖² on that row (its image, noise,
+    timestep and caption), so rows the frozen model finds easy get a small cap and hard ones a large one;
+    a row's error counts only up to its cap, and the share of rows at their cap is what the stop rule reads."""
+    from vdu_engine.objectives import VDU
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    run = _vdu_run(b, bound=1.5, replay=0.0, destination=0.0)
+    obj = VDU(run)
+    pool = obj.pool
+    rows = torch.arange(8)
+    with torch.no_grad():
+        frozen = b.denoise(pool.x_t[rows], pool.t[rows], b.encode_text([run.all_captions[c]
+                                                                       for c in pool.caption[rows].tolist()]))
+    hand = 1.5 * ((pool.target[rows] - frozen) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(obj.bound[rows], hand, rtol=1e-4, atol=1e-7)
+    batch = obj.draw(torch.Generator().manual_seed(0))
+    with run.network.attached(), torch.no_grad():
+        _, terms = obj.loss(batch, slice(0, 2))
+    assert float(terms["bounded"]) == 0.0  # the deltas are zero: every row at its frozen error, below 1.5 × it
+    obj.bound = obj.bound * 0.5  # 0.75 × the frozen error: every row is past its cap
+    with run.network.attached(), torch.no_grad():
+        assert float(obj.loss(batch, slice(0, 2))[1]["bounded"]) == 1.0

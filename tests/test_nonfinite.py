@@ -67,7 +67,7 @@ def test_text_encoder_nan_names_the_text_encoder(images, backend, no_training, f
 
 
 @pytest.mark.parametrize("objective,images,part", [
-    ("vdu", True, "the UNet's denoising error on the forget set"),  # the bound profile
+    ("vdu", True, "the frozen UNet's predictions (made before training)"),  # the forget rows' bound
     ("esd", True, "the frozen UNet's predictions (made before training)"),  # the pool's targets
     ("vdu", False, "the UNet's samples (the images the model generates itself)"),  # prompt-only forget images
 ])
@@ -76,7 +76,7 @@ def test_unet_inf_names_the_unet_and_its_precision(objective, images, part, back
     real = backend.denoise
     backend.denoise = lambda x, t, c: real(x, t, c) * float("inf")
     forget = ForgetSet.from_folder(red_images) if images else None
-    # destination 0: the destination's pool would be made (and checked) before the bound profile
+    # destination 0: the destination's pool would be made (and checked) before the forget rows' bound
     message = stops(backend, fast_config(objective=objective, prior="isotropic", neighbours=0, destination=0.0), forget)
     assert message.startswith(part) and "--dtype float32 --precision fp32" in message
 

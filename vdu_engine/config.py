@@ -86,7 +86,7 @@ class UnlearnConfig:
     variational: bool = field(default=False, metadata={"help":
         "learn a mean-field Gaussian posterior over the LoRA factors (the saved LoRA is its mean)"})
     bound: float = field(default=2.0, metadata={"help":
-        "plasticity bound: a sample's error is capped at bound x the frozen model's error at its timestep"})
+        "plasticity bound: a sample's error is capped at bound x the frozen model's error on that same sample"})
     stop_when_bounded: float = field(default=0.9, metadata={"help":
         "stop once this share of samples sits at the bound (0 = never stop early)"})
     t_min: float = field(default=0.0, metadata={"help": "lowest timestep trained, as a fraction of the schedule"})

@@ -12,6 +12,7 @@ v for v-prediction models), target the true ε (or v), and ε* the loaded model 
 
 from __future__ import annotations
 
+import time
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -38,7 +39,7 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
     as computed here, with D_f's sum estimated from the batch (N = |D_f| × the batch mean):
 
         L(θ) = γ · S(θ)  +  (1 − γ) · N · ( w_d · E_d ‖ε_θ(x^d_t, c) − ε_dest‖²
-                                             −  λ · E_f min(‖ε − ε_θ(x_t, c)‖², b_t) )
+                                             −  λ · E_f min(‖ε − ε_θ(x_t, c)‖², b) )
 
     - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
       function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
@@ -46,8 +47,8 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
       forget images under their captions with a neighbour in the concept's place (c_w: "a red
       circle" → "an orange circle"), so the concept does not move into its neighbours' prompts.
     - the plasticity inducer (`err`, weight λ = `plasticity`) lowers the likelihood of the forget
-      images x under c; each sample's error is capped at b_t (`bound`, a multiple of the frozen
-      model's own error at t), past which it gives no gradient: the paper's term is unbounded below.
+      images x under c; each sample's error is capped at b (`bound`, a multiple of the frozen model's
+      own error on that sample), past which it gives no gradient: the paper's term is unbounded below.
     - the destination (`destination`: w_d × the mean of ‖ε_θ − ε_dest‖² over the destination's rows) says
       where the lowered likelihood goes. On the frozen model's own images x^d for destination prompts
       c_d (destination.py: the caption without the concept, or with a neighbour in its place), the
@@ -162,7 +163,7 @@ class ScoreAlign(Objective):
 
 class VDU(Objective):
     """`vdu_loss` over: the forget pool, the destination's images (destination.py), the replay pool
-    of the model's own images for the preservation prompts, the prior, and the bound profile."""
+    of the model's own images for the preservation prompts, the prior, and each forget row's bound."""
 
     reported = ("stability", "destination", "forget_error", "bounded")
 
@@ -170,12 +171,23 @@ class VDU(Objective):
         super().__init__(run)
         cfg = run.cfg
         self.prior = run.prior()
-        self.profile = run.bound_profile() if cfg.plasticity > 0 else None
+        self.bound = self._plasticity_bound() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
         self.dest = run.destination_pool()
         self.goal = self._destination_goal()
         self.n_replay = cfg.replay_batch or cfg.batch_size
         self.held = self._held_neighbours() if cfg.hold_neighbours and cfg.replay > 0 else None
+
+    def _plasticity_bound(self) -> torch.Tensor:
+        """b per forget row: `bound` × the frozen model's own error on that row (the same image, noise, timestep
+        and caption). Each sample's error may rise to a multiple of what it was, wherever that was: a cap shared
+        by a timestep's samples (their mean error) let the samples the model found easy, such as small shapes on
+        plain backgrounds, rise many times over, and the model drew frames and washed-out colour there
+        (docs/quality/tuning.md, 2026-12-06)."""
+        t0 = time.perf_counter()
+        frozen_error = denoising_error(self.pool.frozen_named(self.run), self.pool.target)
+        self.run.timings["bound"] = time.perf_counter() - t0
+        return self.run.cfg.bound * frozen_error
 
     def _destination_goal(self):
         """ε_dest per destination row: the destination prompt's prediction, guided away from the concept where
@@ -229,7 +241,7 @@ class VDU(Objective):
         pred, preds = self._forward(rows, extras)
         pred_r, pred_d, pred_h = preds.get("replay"), preds.get("dest"), preds.get("held")
         err = denoising_error(pred, pool.target[rows])
-        bound = cfg.bound * self.profile[pool.bucket(rows)] if self.profile is not None else torch.zeros_like(err)
+        bound = self.bound[rows] if self.bound is not None else torch.zeros_like(err)
         # Replay and destination rows: summed over this pass's rows and divided by its share of the batch,
         # so that passes add up to the step's mean.
         share = cfg.batch_size / (len(rows) * self.n_replay)
@@ -246,14 +258,14 @@ class VDU(Objective):
         loss = vdu_loss(stability, err, bound, cfg.destination * destination, cfg.gamma, n, cfg.plasticity)
         if cfg.variational:
             loss = loss - cfg.gamma * run.network.entropy().to(loss.device)  # KL = E_q[−log p] − H[q]
-        bounded = (err >= bound).float().mean() if self.profile is not None else torch.zeros(())
+        bounded = (err >= bound).float().mean() if self.bound is not None else torch.zeros(())
         return loss, {"stability": stability.detach(), "destination": destination.detach(),
                       "forget_error": err.mean().detach(), "bounded": bounded.to(err.device)}
 
     def should_stop(self, ema):
         cfg = self.run.cfg
         bounded = ema.get("bounded", 0.0)
-        return self.profile is not None and cfg.stop_when_bounded > 0 and bounded >= cfg.stop_when_bounded
+        return self.bound is not None and cfg.stop_when_bounded > 0 and bounded >= cfg.stop_when_bounded
 
 
 REGISTRY = {"vdu": VDU, "esd": ESD, "score_align": ScoreAlign, "gradient_ascent": GradientAscent}

@@ -17,7 +17,6 @@ from .errors import require_finite
 FORGET_POOL = 256  # noisy forget latents (16 per image for 16 images; a 200-step run draws 800 rows)
 REPLAY_POOL = 128  # noisy latents of the model's own images for the preservation prompts
 PASS = 8  # images per no-grad forward while a pool is made: less memory than a training step
-N_BOUND_BUCKETS = 10
 FROZEN_NAN = "the frozen UNet's predictions (made before training) are non-finite (nan/inf) for {bad} of {total} inputs"
 
 
@@ -30,20 +29,15 @@ def encoded_per_row(backend, prompts: List[str]):
 
 
 class PredictionPool:
-    def __init__(self, x_t, t, caption, target=None, ref=None, cond=None, buckets=N_BOUND_BUCKETS, T=1000):
+    def __init__(self, x_t, t, caption, target=None, ref=None, cond=None):
         self.x_t, self.t, self.caption = x_t, t, caption  # caption: row → index of its conditioning
         self.target, self.ref, self.cond = target, ref, cond
-        self._buckets, self._T = buckets, T
 
     def __len__(self) -> int:
         return len(self.t)
 
     def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
         return torch.randint(0, len(self), (n,), generator=g)
-
-    def bucket(self, rows) -> torch.Tensor:
-        """The bound profile's timestep bucket of each row."""
-        return (self.t[rows] * self._buckets // self._T).clamp(max=self._buckets - 1)
 
     @classmethod
     @torch.no_grad()
@@ -52,7 +46,6 @@ class PredictionPool:
         with one of its image's captions (the caption itself, or a synonym's version of it)."""
         b, cfg = run.backend, run.cfg
         g = torch.Generator().manual_seed(cfg.seed + 11)
-        T = b.schedule.num_train_timesteps
         lo, hi = run.t_range
         image = torch.arange(FORGET_POOL) % len(run.latents)
         image = image[torch.randperm(FORGET_POOL, generator=g)]
@@ -62,8 +55,7 @@ class PredictionPool:
         x0 = run.latents[image].to(b.device, b.dtype)
         eps = torch.randn(x0.shape, generator=g).to(x0)
         t = t.to(b.device)
-        return cls(b.schedule.add_noise(x0, eps, t), t, caption.to(b.device), target=b.schedule.target(x0, eps, t),
-                   T=T)
+        return cls(b.schedule.add_noise(x0, eps, t), t, caption.to(b.device), target=b.schedule.target(x0, eps, t))
 
     def frozen(self, run, prompt_of: Callable[[int], str]) -> torch.Tensor:
         """ε* on every row for the prompt `prompt_of(caption index)` gives."""

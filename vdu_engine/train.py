@@ -4,7 +4,7 @@ The phases of a run, each a function below:
 1. `Run.setup`: validate, encode the forget set once, find the concept's synonyms and neighbours
    (neighbours.py), choose the layers and build the LoRA network;
 2. the objective prepares what it needs (objectives.py: pools of frozen predictions, the prior,
-   the bound profile);
+   each forget row's plasticity bound);
 3. `_optimise`: the training loop, the same for every objective;
 4. the result: the LoRA's kohya state dict and the run's metadata.
 Nothing is written to disk here except the Fisher cache; `UnlearnResult.save` writes the LoRA.
@@ -34,17 +34,14 @@ from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
 from .destination import Destination, nearest_neighbour, note as destination_note, plan
 from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
 from .objectives import REGISTRY, denoising_error
-from .pools import N_BOUND_BUCKETS, PredictionPool, encoded_per_row
+from .pools import PredictionPool, encoded_per_row
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
 from .sampling import ddim_latents
 from .saving import atomic_save_file
 
 Progress = Callable[[int, int, Dict[str, float]], None]
-PROFILE_SAMPLES = 32  # forget images per bucket: the bound scales with this estimate, and 8 let it move between seeds
-PROFILE_PASS = 8  # images per no-grad forward of the profile: less memory than a training step
 LATENTS_NAN = "the VAE returned non-finite latents (nan/inf) for {bad} of {total} images"
-PROFILE_NAN = "the UNet's denoising error on the forget set is non-finite (nan/inf) in {bad} of {total} timestep ranges"
 FISHER_NAN = "the Fisher prior's estimate is non-finite (nan/inf) in {bad} of {total} layers"
 
 
@@ -168,29 +165,6 @@ def _finite_fisher(fisher: Dict[str, torch.Tensor], fix: str) -> Dict[str, torch
     return fisher
 
 
-@torch.no_grad()
-def _error_profile(backend, latents, cond, seed) -> torch.Tensor:
-    """The frozen model's mean denoising error on the forget set in N_BOUND_BUCKETS timestep
-    buckets: the reference the plasticity bound is a multiple of."""
-    g = torch.Generator().manual_seed(seed + 1)
-    T = backend.schedule.num_train_timesteps
-    prof = torch.zeros(N_BOUND_BUCKETS)
-    for b in range(N_BOUND_BUCKETS):
-        n = min(len(latents), PROFILE_SAMPLES)
-        idx = torch.randperm(len(latents), generator=g)[:n]
-        t = torch.randint(b * T // N_BOUND_BUCKETS, (b + 1) * T // N_BOUND_BUCKETS, (n,), generator=g)
-        x0 = latents[idx].to(backend.device, backend.dtype)
-        eps = torch.randn(x0.shape, generator=g).to(x0)
-        t, idx = t.to(backend.device), idx.to(backend.device)
-        errs = []
-        for c in range(0, n, PROFILE_PASS):
-            s = slice(c, c + PROFILE_PASS)
-            pred = backend.denoise(backend.schedule.add_noise(x0[s], eps[s], t[s]), t[s], cond_index(cond, idx[s]))
-            errs.append(denoising_error(pred, backend.schedule.target(x0[s], eps[s], t[s])))
-        prof[b] = torch.cat(errs).mean().cpu()
-    return require_finite(prof, PROFILE_NAN, backend.fixes["unet"])  # its inputs were checked: the UNet's
-
-
 def _denoise(backend, amp, x_t, t, c):
     """The model's prediction under the run's autocast precision (None: the model's own)."""
     with torch.autocast(backend.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -306,14 +280,6 @@ class Run:
 
     def prior_energy(self, prior: PriorEnergy) -> torch.Tensor:
         return prior(self.network.layers, self.network.current_factors())
-
-    def bound_profile(self) -> torch.Tensor:
-        t0 = time.perf_counter()
-        cond = cond_index(self.cond, torch.tensor([v[0] for v in self.variants], device=self.backend.device))
-        prof = self.workers.broadcast(_error_profile(self.backend, self.latents, cond, self.cfg.seed)
-                                      .to(self.backend.device))
-        self.timings["profile"] = time.perf_counter() - t0
-        return prof
 
 
 def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet] = None,
