@@ -21,8 +21,16 @@ The destination prompt of a caption c naming the concept:
   that default is the concept ("a circle" drawn red), c⁻ would hold the concept in place, and its
   images are a prompt the model barely knows (the mini model draws shapes poorly without a colour).
   Whether the concept is still there is asked of the frozen model itself, as a diffusion classifier
-  (`neighbours.concept_share`). If it is, the nearest neighbour takes the concept's place instead:
-  a prompt of the kind the model was trained on, which by construction does not draw the concept.
+  (`neighbours.concept_share`): on each of c⁻'s images, does the caption naming the concept explain
+  it better than the same caption with the nearest neighbour in its place? c⁻'s images of "a large
+  circle", drawn red, read as red against "a large orange circle"; those of "a large blue", drawn
+  as blue squares, read as squares against "a large blue square". If most images read as the
+  concept, the nearest neighbour takes its place: a prompt of the kind the model was trained on,
+  which by construction does not draw the concept. The question is put against that one word, the
+  alternative the run would fall back on, and not against every word the vicinity found: on a
+  model whose text encoder does not sort words by kind, those include words of another kind (colours
+  beside a shape), whose captions explain nothing and let the concept win by default
+  (docs/quality/tuning.md, 2026-12-06).
   It is not the first choice: where c⁻ is free of the concept it is the more generic destination
   (a style's prompts drawn in no particular style, not in the nearest other one), and on the mini
   model circle's prompts, sent to the ellipse, still read as circles in half the samples.
@@ -38,8 +46,6 @@ import torch
 
 from .neighbours import SHOWS_CONCEPT_SHARE, concept_share, without, word_pattern
 from .sampling import ddim_latents
-
-CHECK_IMAGES = 8  # of the destination's images, the ones the auto mode's check reads
 
 
 @dataclass
@@ -109,15 +115,15 @@ def _draw(run, sources: List[int], mode: str) -> Destination:
 
 
 def _check(run, dest: Destination) -> float:
-    """The share of c⁻ images in which the frozen model sees the concept (over the first CHECK_IMAGES
-    whose caption names the concept itself, not a synonym)."""
+    """The share of c⁻ images in which the frozen model sees the concept rather than its nearest neighbour (over
+    every image whose caption names the concept itself, not a synonym)."""
     concept = word_pattern([run.cfg.concept.strip()])
-    picked = [i for i, s in enumerate(dest.sources) if concept.search(run.all_captions[s])][:CHECK_IMAGES]
+    picked = [i for i, s in enumerate(dest.sources) if concept.search(run.all_captions[s])]
     if not picked:
         return 0.0
     with torch.no_grad(), run.network.disabled():
         return concept_share(run.backend, dest.latents[picked], [run.all_captions[dest.sources[i]] for i in picked],
-                             run.cfg.concept.strip(), run.vicinity.neighbours, run.cfg.seed)
+                             run.cfg.concept.strip(), [nearest_neighbour(run.vicinity)], run.cfg.seed)
 
 
 def note(dest: Optional[Destination], weight: float) -> str:
@@ -125,9 +131,10 @@ def note(dest: Optional[Destination], weight: float) -> str:
     if dest is None:
         return "false" if weight <= 0 else "false: no caption names the concept"
     share = "" if dest.share is None else f"{dest.share:.0%} of checked images"
+    read = f"its images read as the concept, not its nearest neighbour, in {share}"
     if dest.mode == "remove":
-        return "the caption without the concept" + (f" (it draws the concept in {share})" if share else "")
+        return "the caption without the concept" + (f" ({read})" if share else "")
     if dest.mode == "neighbours":
-        why = f" (the caption without the concept draws it in {share})" if share else ""
+        why = f" (the caption without the concept: {read})" if share else ""
         return f"the captions with its nearest neighbour, {dest.neighbour!r}, in the concept's place" + why
     return "the anchor"

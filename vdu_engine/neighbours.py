@@ -115,7 +115,7 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
 
 
 # c⁻ is replaced as the destination when the concept's caption explains more than half of the destination's
-# images better than its neighbours do: a majority vote, not a fit.
+# images better than its nearest neighbour's does: a majority vote, not a fit.
 SHOWS_CONCEPT_SHARE = 0.5
 
 
@@ -124,10 +124,11 @@ def concept_share(backend: Backend, latents: torch.Tensor, captions: List[str], 
                   neighbours: List[str], seed: int, m: int = 8) -> float:
     """The share of images (scaled latents, one per caption) in which the frozen model, used as a
     diffusion classifier (Li et al., ICCV 2023), sees the concept: the caption c naming it explains
-    the image better, by the denoising error over m shared noisy versions, than the median of its
-    neighbours' captions c_w does. Images of "a circle" made by a model that draws circles red read
-    as red (c explains them better than "an orange circle" and "a green circle"); images of "a red"
-    drawn as red squares do not read as circles (worse than "a red square")."""
+    the image better, by the denoising error over m shared noisy versions, than the median of the
+    given neighbours' captions c_w does (the destination's check gives one: the nearest). Images of
+    "a circle" made by a model that draws circles red read as red (c explains them better than "an
+    orange circle"); images of "a blue" drawn as blue squares do not read as circles (worse than "a
+    blue square")."""
     pattern = word_pattern([concept])
     g = torch.Generator().manual_seed(seed + 7)
     T = backend.schedule.num_train_timesteps
