@@ -33,7 +33,7 @@ from .lora import LoRANetwork
 from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
 from .destination import Destination, nearest_neighbour, note as destination_note, plan
 from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
-from .objectives import REGISTRY, denoising_error
+from .objectives import REGISTRY
 from .pools import PredictionPool, encoded_per_row
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
