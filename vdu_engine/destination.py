@@ -123,7 +123,7 @@ def _check(run, dest: Destination) -> float:
         return 0.0
     with torch.no_grad(), run.network.disabled():
         return concept_share(run.backend, dest.latents[picked], [run.all_captions[dest.sources[i]] for i in picked],
-                             run.cfg.concept.strip(), [nearest_neighbour(run.vicinity)], run.cfg.seed)
+                             run.cfg.concept.strip(), nearest_neighbour(run.vicinity), run.cfg.seed)
 
 
 def note(dest: Optional[Destination], weight: float) -> str:

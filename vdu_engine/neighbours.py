@@ -115,20 +115,19 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
 
 
 # c⁻ is replaced as the destination when the concept's caption explains more than half of the destination's
-# images better than its nearest neighbour's does: a majority vote, not a fit.
+# images better than the same caption with its nearest neighbour does: a majority vote, not a fit.
 SHOWS_CONCEPT_SHARE = 0.5
 
 
 @torch.no_grad()
 def concept_share(backend: Backend, latents: torch.Tensor, captions: List[str], concept: str,
-                  neighbours: List[str], seed: int, m: int = 8) -> float:
+                  alternative: str, seed: int, m: int = 8) -> float:
     """The share of images (scaled latents, one per caption) in which the frozen model, used as a
-    diffusion classifier (Li et al., ICCV 2023), sees the concept: the caption c naming it explains
-    the image better, by the denoising error over m shared noisy versions, than the median of the
-    given neighbours' captions c_w does (the destination's check gives one: the nearest). Images of
-    "a circle" made by a model that draws circles red read as red (c explains them better than "an
-    orange circle"); images of "a blue" drawn as blue squares do not read as circles (worse than "a
-    blue square")."""
+    diffusion classifier (Li et al., ICCV 2023), sees the concept rather than an alternative word:
+    the caption c naming it explains the image better, by the denoising error over m shared noisy
+    versions, than c with the alternative in its place. Images of "a circle" made by a model that
+    draws circles red read as red against "an orange circle"; images of "a blue" drawn as blue
+    squares do not read as circles against "a blue square"."""
     pattern = word_pattern([concept])
     g = torch.Generator().manual_seed(seed + 7)
     T = backend.schedule.num_train_timesteps
@@ -141,6 +140,5 @@ def concept_share(backend: Backend, latents: torch.Tensor, captions: List[str], 
         pred = _predict(backend, x_t, t, backend.encode_text([p for p in prompts for _ in range(m)]))
         return denoising_error(pred, target).view(len(prompts), m).mean(1)
 
-    named = error(captions)
-    swapped = torch.stack([error([pattern.sub(w, c) for c in captions]) for w in neighbours])
-    return (named < swapped.median(0).values).float().mean().item()
+    swapped = [pattern.sub(alternative, c) for c in captions]
+    return (error(captions) < error(swapped)).float().mean().item()
