@@ -7,7 +7,8 @@ In one run, on the mini model and on a shallow SD 1.5-shaped model built in code
 - peak memory of each memory option (one child process per option: peak RSS on the CPU);
 - how step time and memory grow with forget images, rank, resolution and adapted layers (mini
   model, one child process per point), as a table and a PNG plot;
-- the demo's unlearning run split into encode, prior, bound, train and save.
+- the demo's unlearning run split into its phases (encode; prepare, which holds the prior, the forget rows'
+  bounds and the destination; train; save).
 With `--gpu-full` (an NVIDIA GPU) it also builds full-size SD 1.5 and SDXL UNets (random weights)
 and reports seconds per step, peak GPU memory per memory preset, model FLOPs utilisation against
 a measured bf16 matmul peak, and the projected time of a default run.
@@ -251,7 +252,7 @@ def gpu_full(kinds, device, steps, batch):
         flops = step_flops(backend, res, batch)
         row.update(lora_seconds_per_step=lora, vdu_vs_lora=fast["seconds_per_step"] / lora,
                    step_tflop=flops / 1e12, mfu=flops / fast["seconds_per_step"] / (peak * 1e12),
-                   projected_default_run_seconds=sum(fast["setup_seconds"][k] for k in ("encode", "prior", "bound"))
+                   projected_default_run_seconds=sum(fast["setup_seconds"][k] for k in ("encode", "prepare"))
                    + UnlearnConfig().steps * fast["seconds_per_step"])
         out["models"][kind] = row
         del backend
