@@ -88,3 +88,17 @@ def test_evaluate_reports_content_blank_and_noise_shares(evaluator):
     assert metrics["neighbour_shows_concept"] == 0 and metrics["retain_shows_concept"] == 0
     assert metrics["forget_rate"] == 1
     assert 0 <= metrics["content_kept"] <= 1
+
+
+def test_cells_breakdown_groups_samples_by_size_and_background():
+    """benchmarks.cells: each sample lands in its prompt's size and background, and a group's two
+    shares are its share right and its share drawn as the concept, in percent."""
+    from benchmarks.cells import background_of, by, size_of
+    small = Cell(dataset.prompt("circle", "red", "small", "white"), "circle", "red")
+    large = Cell(dataset.prompt("circle", "red", "large", "black"), "circle", "red")
+    assert (size_of(small), background_of(small)) == ("small", "white")
+    assert (size_of(large), background_of(large)) == ("large", "black")
+    rows = [(small, True, True), (small, False, False), (small, False, True), (small, True, False),
+            (large, True, False)]
+    assert by(rows, size_of) == {"large": "100 / 0", "small": "50 / 50"}
+    assert by(rows, background_of) == {"black": "100 / 0", "white": "50 / 50"}
