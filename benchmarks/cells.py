@@ -41,20 +41,21 @@ def measure(backend, evaluator, concept, set_name, network, seed, reps):
     if set_name == "forget":
         ok = world_eval.content_kept(concept, images, cells, evaluator)
     else:
-        ok = [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
+        ok = world_eval.correct(shapes, colours, cells)
     return list(zip(cells, ok, shows, colours, shapes))
-
-
-def by(rows, key):
-    groups = defaultdict(list)
-    for row in rows:
-        groups[key(row[0])].append(row)
-    return {k: "{:.0f} / {:.0f}".format(*rates(v)) for k, v in sorted(groups.items())}
 
 
 def rates(rows):
     """(share right, share drawn as the concept) in percent."""
     return 100 * sum(r[1] for r in rows) / len(rows), 100 * sum(r[2] for r in rows) / len(rows)
+
+
+def by(rows, key):
+    """Per group of samples (key of their cell): "share right / share drawn as the concept"."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[key(row[0])].append(row)
+    return {k: "{:.0f} / {:.0f}".format(*rates(v)) for k, v in sorted(groups.items())}
 
 
 def report(concept, rows):

@@ -130,6 +130,11 @@ def content_kept(concept: str, images: torch.Tensor, cells: List[Cell], evaluato
     return [k and not b and not z for k, b, z in zip(kept, is_blank(images), is_noise(images))]
 
 
+def correct(shapes: List[str], colours: List[str], cells: List[Cell]) -> List[bool]:
+    """Whether each sample's shape and colour are both what its prompt asks for."""
+    return [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
+
+
 def _sample_split(backend, cells: List[Cell], seed: int, networks) -> tuple:
     """Each network draws a 1/len(networks) share of the cells, picked by a fixed shuffle: a plain
     stride would give each network only the prompts at its offset (with sets whose size is a
@@ -164,8 +169,7 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
             result[f"{prefix}forget_rate"] = sum(shows(concept, imgs, shapes)) / n
             result[f"{prefix}content_kept"] = sum(content_kept(concept, imgs, cells, evaluator)) / n
         else:
-            ok = [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
-            result[f"{name}_acc"] = sum(ok) / n
+            result[f"{name}_acc"] = sum(correct(shapes, colours, cells)) / n
             # the concept drawn for prompts that do not name it: forgotten from its own prompts, moved to others'
             result[f"{name}_shows_concept"] = sum(shows(concept, imgs, shapes)) / n
         result[f"{prefix}blank_share"] = sum(is_blank(imgs)) / n
