@@ -9,7 +9,7 @@ Each setting is UnlearnConfig fields as JSON, trained once per seed on `--images
 the forget, neighbour and retain sets is sampled `--reps` times per seed. Printed: for the forget
 set, content kept and the share drawn as the concept per size, colour and background, the
 commonest content failures (colour or shape asked, drawn) and the shapes drawn; for the other sets,
-accuracy and the share drawn as the concept per size.
+accuracy and the share drawn as the concept per size and per shape (or colour) asked.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def report(concept, rows):
         print(f"{set_name}: {right} {rates(got)[0]:.1f} %, drawn as {concept} {rates(got)[1]:.1f} % "
               f"({len(got)} samples); per size ({right} / as {concept}): {by(got, size_of)}")
         if set_name != "forget":
+            kind = (lambda c: c.colour) if colour_kind else (lambda c: c.shape)
+            print(f"  per {'colour' if colour_kind else 'shape'} asked: {by(got, kind)}")
             continue
         print(f"  per colour: {by(got, lambda c: c.colour)}")
         print(f"  per background: {by(got, background_of)}")
