@@ -60,13 +60,13 @@ def by(rows, key):
 
 def report(concept, rows):
     colour_kind = dataset.CONCEPTS[concept]["kind"] == "colour"
+    asked_kind = (lambda c: c.colour) if colour_kind else (lambda c: c.shape)
     for set_name, got in rows.items():
         right = "content kept" if set_name == "forget" else "accuracy"
         print(f"{set_name}: {right} {rates(got)[0]:.1f} %, drawn as {concept} {rates(got)[1]:.1f} % "
               f"({len(got)} samples); per size ({right} / as {concept}): {by(got, size_of)}")
         if set_name != "forget":
-            kind = (lambda c: c.colour) if colour_kind else (lambda c: c.shape)
-            print(f"  per {'colour' if colour_kind else 'shape'} asked: {by(got, kind)}")
+            print(f"  per {'colour' if colour_kind else 'shape'} asked: {by(got, asked_kind)}")
             continue
         print(f"  per colour: {by(got, lambda c: c.colour)}")
         print(f"  per background: {by(got, background_of)}")

@@ -102,3 +102,17 @@ def test_cells_breakdown_groups_samples_by_size_and_background():
             (large, True, False)]
     assert by(rows, size_of) == {"large": "100 / 0", "small": "50 / 50"}
     assert by(rows, background_of) == {"black": "100 / 0", "white": "50 / 50"}
+
+
+def test_cells_report_breaks_the_other_sets_down_by_what_was_asked(capsys):
+    """benchmarks.cells.report: a shape concept's retain set is broken down by the shape asked (the
+    shape it damages), a colour concept's by the colour asked."""
+    from benchmarks.cells import report
+    square = Cell(dataset.prompt("square", "red", "large", "white"), "square", "red")
+    triangle = Cell(dataset.prompt("triangle", "blue", "small", "grey"), "triangle", "blue")
+    rows = [(square, False, True, "red", "circle"), (square, True, False, "red", "square"),
+            (triangle, True, False, "blue", "triangle")]
+    report("circle", {"retain": rows})
+    assert "per shape asked: {'square': '50 / 50', 'triangle': '100 / 0'}" in capsys.readouterr().out
+    report("red", {"retain": rows})
+    assert "per colour asked: {'blue': '100 / 0', 'red': '50 / 50'}" in capsys.readouterr().out
