@@ -84,6 +84,33 @@ def guided_away(toward: torch.Tensor, concept: torch.Tensor, eta: float) -> torc
     return toward - eta * (concept - toward)
 
 
+# A replayed row's weight is at most this many times the mean: a prompt whose guidance direction is nearly
+# zero would otherwise take the whole replay.
+MAX_RELATIVE_WEIGHT = 100.0
+
+
+def relative_weights(guidance_sq: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 / ‖ε*(c) − ε*(∅)‖² (its guidance direction's mean square), capped at MAX_RELATIVE_WEIGHT × the
+    mean's, and normalised to mean 1. The unconditional prompt's rows have no guidance direction of their own and
+    take the cap: ε(∅) enters every prompt's guided sample, so a drift there moves them all."""
+    mean = guidance_sq[~unconditional].mean() if (~unconditional).any() else guidance_sq.new_tensor(1.0)
+    w = mean / guidance_sq.clamp_min(mean / MAX_RELATIVE_WEIGHT)
+    w = torch.where(unconditional, torch.full_like(w, MAX_RELATIVE_WEIGHT), w)
+    return w / w.mean()
+
+
+@torch.no_grad()
+def guidance_weights(replay, run) -> torch.Tensor:
+    """`relative_weights` for the replay pool. Classifier-free guidance samples from ε(∅) + w (ε(c) − ε(∅)):
+    a drift of ε_θ(c) that is small beside ε itself can be large beside ε*(c) − ε*(∅), which carries what the
+    prompt asks for (the shape), and the sampler multiplies it by w. Measured uniformly, the replay let a
+    circle run turn square prompts round (docs/quality/tuning.md, 2026-12-06)."""
+    prompts = [run.image_prompts[i] for i in replay.caption.tolist()]
+    unconditional = replay.frozen_per_row(run, [""] * len(replay))[2]
+    guidance_sq = (replay.ref - unconditional).pow(2).flatten(1).mean(1)
+    return relative_weights(guidance_sq, torch.tensor([p == "" for p in prompts], device=guidance_sq.device))
+
+
 class HeldNeighbours(NamedTuple):
     """The forget pool's rows under their captions with a neighbour in the concept's place (VDU._held_neighbours)."""
     cond: Dict[str, torch.Tensor]  # the distinct neighbour captions, encoded
@@ -173,6 +200,7 @@ class VDU(Objective):
         self.prior = run.prior()
         self.bound = self._plasticity_bound() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
+        self.replay_weight = guidance_weights(self.replay, run) if self.replay and cfg.replay_relative else None
         self.dest = run.destination_pool()
         self.goal = self._destination_goal()
         self.n_replay = cfg.replay_batch or cfg.batch_size
@@ -250,7 +278,10 @@ class VDU(Objective):
         stability = run.prior_energy(self.prior)
         if pred_r is not None:
             # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖²
-            stability = stability + cfg.replay * n * denoising_error(pred_r, self.replay.ref[replay]).sum() * share
+            drift = denoising_error(pred_r, self.replay.ref[replay])
+            if self.replay_weight is not None:
+                drift = drift * self.replay_weight[replay]
+            stability = stability + cfg.replay * n * drift.sum() * share
         if pred_h is not None:
             # replay · N · E‖ε_θ(x_t, c_w) − ε*(x_t, c_w)‖² on the forget rows, under a neighbour's caption
             held = denoising_error(pred_h, self.held.ref[rows]) * self.held.named[rows]
