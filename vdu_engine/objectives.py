@@ -200,7 +200,8 @@ class VDU(Objective):
         self.prior = run.prior()
         self.bound = self._plasticity_bound() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
-        self.replay_weight = guidance_weights(self.replay, run) if self.replay and cfg.replay_relative else None
+        relative = self.replay is not None and cfg.replay_relative
+        self.replay_weight = guidance_weights(self.replay, run) if relative else None
         self.dest = run.destination_pool()
         self.goal = self._destination_goal()
         self.n_replay = cfg.replay_batch or cfg.batch_size
