@@ -163,8 +163,9 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
 
 
 def test_relative_weights_are_the_inverse_guidance_direction_capped_and_normalised():
-    """By hand: 1 / ‖ε*(c) − ε*(∅)‖² per row against the mean over conditional rows, a near-zero direction capped at
-    100 × the mean's weight, the unconditional prompt's rows at the cap, then everything scaled to mean 1."""
+    """By hand: 1 / ‖ε*(c) − ε*(∅)‖² per row against the mean over conditional rows, a near-zero
+    direction capped at 100 × the mean's weight, the unconditional prompt's rows at the cap, then
+    everything scaled to mean 1."""
     from vdu_engine.objectives import relative_weights
     g = torch.tensor([1.0, 4.0, 1e-6, 9.0])
     mean = (1.0 + 4.0 + 1e-6) / 3
@@ -173,8 +174,9 @@ def test_relative_weights_are_the_inverse_guidance_direction_capped_and_normalis
 
 
 def test_relative_replay_weighs_each_rows_drift_by_its_guidance_direction(tiny_sd1):
-    """With --replay-relative the replay term is replay · N · E[w · ‖ε_θ − ε_θ*‖²], w from the frozen model's own
-    guidance directions on the pool (its prediction for the row's prompt against the empty prompt's)."""
+    """With --replay-relative the replay term is replay · N · E[w · ‖ε_θ − ε_θ*‖²], w from the frozen
+    model's own guidance directions on the pool (its prediction for the row's prompt against the empty
+    prompt's)."""
     from vdu_engine.backend import cond_index
     from vdu_engine.objectives import VDU, relative_weights
     b = DiffusersBackend.load(tiny_sd1, device="cpu")

@@ -90,9 +90,10 @@ MAX_RELATIVE_WEIGHT = 100.0
 
 
 def relative_weights(guidance_sq: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
-    """Per row, 1 / ‖ε*(c) − ε*(∅)‖² (its guidance direction's mean square), capped at MAX_RELATIVE_WEIGHT × the
-    mean's, and normalised to mean 1. The unconditional prompt's rows have no guidance direction of their own and
-    take the cap: ε(∅) enters every prompt's guided sample, so a drift there moves them all."""
+    """Per row, 1 / ‖ε*(c) − ε*(∅)‖² (its guidance direction's mean square), capped at
+    MAX_RELATIVE_WEIGHT × the mean's, and normalised to mean 1. The unconditional prompt's rows have no
+    guidance direction of their own and take the cap: ε(∅) enters every prompt's guided sample, so a
+    drift there moves them all."""
     mean = guidance_sq[~unconditional].mean() if (~unconditional).any() else guidance_sq.new_tensor(1.0)
     w = mean / guidance_sq.clamp_min(mean / MAX_RELATIVE_WEIGHT)
     w = torch.where(unconditional, torch.full_like(w, MAX_RELATIVE_WEIGHT), w)
@@ -104,11 +105,12 @@ def guidance_weights(replay, run) -> torch.Tensor:
     """`relative_weights` for the replay pool. Classifier-free guidance samples from ε(∅) + w (ε(c) − ε(∅)):
     a drift of ε_θ(c) that is small beside ε itself can be large beside ε*(c) − ε*(∅), which carries what the
     prompt asks for (the shape), and the sampler multiplies it by w. Measured uniformly, the replay let a
-    circle run turn square prompts round (docs/quality/tuning.md, 2026-12-06)."""
-    prompts = [run.image_prompts[i] for i in replay.caption.tolist()]
-    unconditional = replay.frozen_per_row(run, [""] * len(replay))[2]
-    guidance_sq = (replay.ref - unconditional).pow(2).flatten(1).mean(1)
-    return relative_weights(guidance_sq, torch.tensor([p == "" for p in prompts], device=guidance_sq.device))
+    circle run turn square prompts round. Measured so far, the unconditional rows' cap is what keeps them: the
+    per-row weighting of the others adds nothing (docs/quality/tuning.md, 2026-12-06 (fourth))."""
+    empty_prediction = replay.frozen_per_row(run, [""] * len(replay))[2]
+    guidance_sq = (replay.ref - empty_prediction).pow(2).flatten(1).mean(1)
+    is_empty = torch.tensor([run.image_prompts[i] == "" for i in replay.caption.tolist()], device=guidance_sq.device)
+    return relative_weights(guidance_sq, is_empty)
 
 
 class HeldNeighbours(NamedTuple):
