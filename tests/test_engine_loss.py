@@ -162,51 +162,6 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
     torch.testing.assert_close(sum(h / 2 for h in halves), with_replay - without, rtol=1e-4, atol=1e-6)
 
 
-def test_relative_weights_are_the_inverse_guidance_direction_capped_and_normalised():
-    """By hand: 1 / ‖ε*(c) − ε*(∅)‖² per row against the mean over conditional rows, a near-zero
-    direction capped at 100 × the mean's weight, the unconditional prompt's rows at the cap, then
-    everything scaled to mean 1."""
-    from vdu_engine.objectives import relative_weights
-    g = torch.tensor([1.0, 4.0, 1e-6, 9.0])
-    mean = (1.0 + 4.0 + 1e-6) / 3
-    raw = torch.tensor([mean / 1.0, mean / 4.0, 100.0, 100.0])
-    torch.testing.assert_close(relative_weights(g, torch.tensor([False, False, False, True])), raw / raw.mean())
-
-
-def test_relative_replay_weighs_each_rows_drift_by_its_guidance_direction(tiny_sd1):
-    """With --replay-relative the replay term is replay · N · E[w · ‖ε_θ − ε_θ*‖²], w from the frozen
-    model's own guidance directions on the pool (its prediction for the row's prompt against the empty
-    prompt's)."""
-    from vdu_engine.backend import cond_index
-    from vdu_engine.objectives import VDU, relative_weights
-    b = DiffusersBackend.load(tiny_sd1, device="cpu")
-    run = _vdu_run(b, replay_batch=4, replay=10.0, gamma=0.5, replay_relative=True)
-    obj = VDU(run)
-    pool, (_, cond) = obj.replay, run.images()
-    with torch.no_grad():
-        empty = b.denoise(pool.x_t, pool.t, cond_index(b.encode_text([""]), torch.zeros_like(pool.caption)))
-        g = (pool.ref - empty).pow(2).flatten(1).mean(1)
-    unconditional = torch.tensor([run.image_prompts[i] == "" for i in pool.caption.tolist()])
-    assert unconditional.any() and not unconditional.all()
-    torch.testing.assert_close(obj.replay_weight, relative_weights(g, unconditional), rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        for layer in run.network.layers.values():
-            layer.up.normal_(0, 0.1)
-    batch = obj.draw(torch.Generator().manual_seed(0))
-
-    def loss():
-        with run.network.attached(), torch.no_grad():
-            return obj.loss(batch, slice(0, 2))[0]
-    with_replay = loss()
-    obj.replay = None
-    without = loss()
-    rows = batch["replay"]
-    with run.network.attached(), torch.no_grad():
-        adapted = b.denoise(pool.x_t[rows], pool.t[rows], cond_index(cond, pool.caption[rows]))
-    hand = (obj.replay_weight[rows] * ((adapted - pool.ref[rows]) ** 2).flatten(1).mean(1)).mean()
-    torch.testing.assert_close(with_replay - without, 0.5 * 10.0 * 3 * hand, rtol=1e-4, atol=1e-6)
-
-
 def test_destination_pulls_the_concepts_caption_to_the_frozen_destination_prompt_on_its_own_images(tiny_sd1):
     """The destination by hand: the frozen model draws images for the captions with the concept
     taken out ("a red circle" → "a circle"; "red" alone → the unconditional prompt), drawn plainly
@@ -365,3 +320,39 @@ def test_plasticity_bound_is_a_multiple_of_each_rows_own_frozen_error(tiny_sd1):
     obj.bound = obj.bound * 0.5  # 0.75 × the frozen error: every row is past its cap
     with run.network.attached(), torch.no_grad():
         assert float(obj.loss(batch, slice(0, 2))[1]["bounded"]) == 1.0
+
+
+
+def test_replay_holds_the_unconditional_prediction_on_every_replayed_image(tiny_sd1):
+    """With --hold-unconditional the replay term is replay · N · E[‖δ(c')‖² + ‖δ(∅)‖²]: on each replayed x'_t
+    the drift of ε_θ under the row's own prompt c' and under the empty prompt, which guidance evaluates for
+    every prompt; ε*(x'_t, ∅) comes from the frozen model."""
+    from vdu_engine.backend import cond_index
+    from vdu_engine.objectives import VDU
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    run = _vdu_run(b, replay_batch=4, replay=10.0, gamma=0.5, hold_unconditional=True)
+    obj = VDU(run)
+    pool, (_, cond) = obj.replay, run.images()
+    empty = cond_index(b.encode_text([""]), torch.zeros_like(pool.caption))
+    with torch.no_grad():
+        frozen_empty = b.denoise(pool.x_t, pool.t, empty)
+        torch.testing.assert_close(obj.replay_empty[1], frozen_empty)
+        for layer in run.network.layers.values():
+            layer.up.normal_(0, 0.1)
+    batch = obj.draw(torch.Generator().manual_seed(0))
+
+    def loss():
+        with run.network.attached(), torch.no_grad():
+            return obj.loss(batch, slice(0, 2))[0]
+    with_replay = loss()
+    obj.replay = None
+    without = loss()
+    rows = batch["replay"]
+    with run.network.attached(), torch.no_grad():
+        adapted = b.denoise(pool.x_t[rows], pool.t[rows], cond_index(cond, pool.caption[rows]))
+        adapted_empty = b.denoise(pool.x_t[rows], pool.t[rows], cond_index(empty, rows))
+    own = ((adapted - pool.ref[rows]) ** 2).flatten(1).mean(1)
+    unconditional = ((adapted_empty - frozen_empty[rows]) ** 2).flatten(1).mean(1)
+    assert own.min() > 0 and unconditional.min() > 0
+    torch.testing.assert_close(with_replay - without, 0.5 * 10.0 * 3 * (own + unconditional).mean(),
+                               rtol=1e-4, atol=1e-6)

@@ -43,7 +43,8 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
 
     - S(θ) (`stability`): the paper's Gaussian prior energy, plus that Gaussian's quadratic form in
       function space, replay · N · E‖ε_θ − ε*‖² on images the model generates itself for the
-      preservation prompts (`VDU`), which the diagonal prior alone misses, and the same on the
+      preservation prompts (`VDU`), which the diagonal prior alone misses, for their own prompt c' and
+      for the unconditional prompt ∅, which guidance evaluates on every sample; and the same on the
       forget images under their captions with a neighbour in the concept's place (c_w: "a red
       circle" → "an orange circle"), so the concept does not move into its neighbours' prompts.
     - the plasticity inducer (`err`, weight λ = `plasticity`) lowers the likelihood of the forget
@@ -82,35 +83,6 @@ def guided_away(toward: torch.Tensor, concept: torch.Tensor, eta: float) -> torc
     """toward − η (concept − toward): a negative prompt of strength η (ESD's target with
     toward = ε*(x_t, ∅); VDU's destination with toward = ε*(x_t, c⁻))."""
     return toward - eta * (concept - toward)
-
-
-# A replayed row's weight is at most this many times the mean: a prompt whose guidance direction is nearly
-# zero would otherwise take the whole replay.
-MAX_RELATIVE_WEIGHT = 100.0
-
-
-def relative_weights(guidance_sq: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
-    """Per row, 1 / ‖ε*(c) − ε*(∅)‖² (its guidance direction's mean square), capped at
-    MAX_RELATIVE_WEIGHT × the mean's, and normalised to mean 1. The unconditional prompt's rows have no
-    guidance direction of their own and take the cap: ε(∅) enters every prompt's guided sample, so a
-    drift there moves them all."""
-    mean = guidance_sq[~unconditional].mean() if (~unconditional).any() else guidance_sq.new_tensor(1.0)
-    w = mean / guidance_sq.clamp_min(mean / MAX_RELATIVE_WEIGHT)
-    w = torch.where(unconditional, torch.full_like(w, MAX_RELATIVE_WEIGHT), w)
-    return w / w.mean()
-
-
-@torch.no_grad()
-def guidance_weights(replay, run) -> torch.Tensor:
-    """`relative_weights` for the replay pool. Classifier-free guidance samples from ε(∅) + w (ε(c) − ε(∅)):
-    a drift of ε_θ(c) that is small beside ε itself can be large beside ε*(c) − ε*(∅), which carries what the
-    prompt asks for (the shape), and the sampler multiplies it by w. Measured uniformly, the replay let a
-    circle run turn square prompts round. Measured so far, the unconditional rows' cap is what keeps them: the
-    per-row weighting of the others adds nothing (docs/quality/tuning.md, 2026-12-06 (fourth))."""
-    empty_prediction = replay.frozen_per_row(run, [""] * len(replay))[2]
-    guidance_sq = (replay.ref - empty_prediction).pow(2).flatten(1).mean(1)
-    is_empty = torch.tensor([run.image_prompts[i] == "" for i in replay.caption.tolist()], device=guidance_sq.device)
-    return relative_weights(guidance_sq, is_empty)
 
 
 class HeldNeighbours(NamedTuple):
@@ -202,8 +174,7 @@ class VDU(Objective):
         self.prior = run.prior()
         self.bound = self._plasticity_bound() if cfg.plasticity > 0 else None
         self.replay = PredictionPool.of_own_images(run) if cfg.replay > 0 else None
-        relative = self.replay is not None and cfg.replay_relative
-        self.replay_weight = guidance_weights(self.replay, run) if relative else None
+        self.replay_empty = self._replay_empty() if self.replay is not None and cfg.hold_unconditional else None
         self.dest = run.destination_pool()
         self.goal = self._destination_goal()
         self.n_replay = cfg.replay_batch or cfg.batch_size
@@ -227,6 +198,14 @@ class VDU(Objective):
             return None
         eta = self.run.cfg.anchor_guidance if self.run.destination.guidance else 0.0
         return guided_away(self.dest.ref, self.dest.target, eta)
+
+    def _replay_empty(self):
+        """(cond, ε*(x'_t, ∅)): the empty prompt encoded, and the frozen model's prediction for it on every
+        replay row. Classifier-free guidance evaluates ε(∅) on every prompt's sample, ε(∅) + w (ε(c) − ε(∅)),
+        so a drift there moves them all; held only on the unconditional prompt's own images, it let a circle
+        run turn square prompts round (docs/quality/tuning.md, 2026-12-06 (fifth))."""
+        cond, _, ref = self.replay.frozen_per_row(self.run, [""] * len(self.replay))
+        return cond, ref
 
     def _held_neighbours(self):
         """Per forget row, its caption with one of the vicinity's neighbours in the concept's place (row r takes
@@ -265,6 +244,9 @@ class VDU(Objective):
         if replay is not None:
             replay_cond = cond_index(self.replay.cond, self.replay.caption[replay])
             extras["replay"] = self._extra(self.replay, replay, replay_cond)
+            if self.replay_empty is not None:
+                empty = cond_index(self.replay_empty[0], torch.zeros_like(replay))
+                extras["replay_empty"] = self._extra(self.replay, replay, empty)
         if dest is not None:
             extras["dest"] = self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest]))
         if self.held is not None:
@@ -282,8 +264,9 @@ class VDU(Objective):
         if pred_r is not None:
             # replay · N · E‖ε_θ(x'_t, c') − ε*(x'_t, c')‖²
             drift = denoising_error(pred_r, self.replay.ref[replay])
-            if self.replay_weight is not None:
-                drift = drift * self.replay_weight[replay]
+            if self.replay_empty is not None:
+                # + the same for the unconditional prediction ε_θ(x'_t, ∅), on the same rows
+                drift = drift + denoising_error(preds["replay_empty"], self.replay_empty[1][replay])
             stability = stability + cfg.replay * n * drift.sum() * share
         if pred_h is not None:
             # replay · N · E‖ε_θ(x_t, c_w) − ε*(x_t, c_w)‖² on the forget rows, under a neighbour's caption
