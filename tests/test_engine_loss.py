@@ -324,9 +324,9 @@ def test_plasticity_bound_is_a_multiple_of_each_rows_own_frozen_error(tiny_sd1):
 
 
 def test_replay_holds_the_unconditional_prediction_on_every_replayed_image(tiny_sd1):
-    """With --hold-unconditional the replay term is replay · N · E[‖δ(c')‖² + ‖δ(∅)‖²]: on each replayed x'_t
-    the drift of ε_θ under the row's own prompt c' and under the empty prompt, which guidance evaluates for
-    every prompt; ε*(x'_t, ∅) comes from the frozen model."""
+    """With --hold-unconditional the replay term is replay · N · E[‖δ(c')‖² + ‖δ(∅)‖²]: on each
+    replayed x'_t the drift of ε_θ under the row's own prompt c' and under the empty prompt, which
+    guidance evaluates for every prompt; ε*(x'_t, ∅) comes from the frozen model."""
     from vdu_engine.backend import cond_index
     from vdu_engine.objectives import VDU
     b = DiffusersBackend.load(tiny_sd1, device="cpu")

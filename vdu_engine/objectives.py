@@ -200,10 +200,11 @@ class VDU(Objective):
         return guided_away(self.dest.ref, self.dest.target, eta)
 
     def _replay_empty(self):
-        """(cond, ε*(x'_t, ∅)): the empty prompt encoded, and the frozen model's prediction for it on every
-        replay row. Classifier-free guidance evaluates ε(∅) on every prompt's sample, ε(∅) + w (ε(c) − ε(∅)),
-        so a drift there moves them all; held only on the unconditional prompt's own images, it let a circle
-        run turn square prompts round (docs/quality/tuning.md, 2026-12-06 (fifth))."""
+        """(cond, ε*(x'_t, ∅)): the empty prompt encoded, and the frozen model's prediction for it on
+        every replay row. Classifier-free guidance evaluates ε(∅) on every prompt's sample,
+        ε(∅) + w (ε(c) − ε(∅)), so a drift there moves them all; held only on the unconditional
+        prompt's own images, it let a circle run turn square prompts round (docs/quality/tuning.md,
+        2026-12-06 (fifth))."""
         cond, _, ref = self.replay.frozen_per_row(self.run, [""] * len(self.replay))
         return cond, ref
 
