@@ -57,9 +57,9 @@ class UnlearnConfig:
         'words whose images must not change, e.g. "orange" when forgetting "red"'})
     replay: float = field(default=10.0, metadata={"help":
         "weight of the penalty on drift of the model's own predictions on replayed images (0 = off)"})
-    hold_unconditional: bool = field(default=False, metadata={"help":
+    hold_unconditional: bool = field(default=True, metadata={"help":
         "replay also holds the unconditional prediction on every replayed image: classifier-free guidance "
-        "evaluates it for every prompt, so its drift moves them all; under evaluation"})
+        "evaluates it for every prompt, so its drift moves them all"})
     hold_neighbours: bool = field(default=True, metadata={"help":
         "replay on the forget images too: hold the frozen model's predictions there for the forget captions with "
         "a neighbour in the concept's place, so the concept does not move into its neighbours' prompts"})
