@@ -130,7 +130,7 @@ def test_replay_drift_is_the_mean_squared_change_of_the_models_predictions(tiny_
     from vdu_engine.backend import cond_index
     from vdu_engine.objectives import VDU
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
-    run = _vdu_run(b, replay_batch=4, replay=10.0, gamma=0.5)
+    run = _vdu_run(b, replay_batch=4, replay=10.0, gamma=0.5, hold_unconditional=False)
     obj = VDU(run)
     pool = obj.replay
     lat, cond = run.images()
@@ -320,7 +320,6 @@ def test_plasticity_bound_is_a_multiple_of_each_rows_own_frozen_error(tiny_sd1):
     obj.bound = obj.bound * 0.5  # 0.75 × the frozen error: every row is past its cap
     with run.network.attached(), torch.no_grad():
         assert float(obj.loss(batch, slice(0, 2))[1]["bounded"]) == 1.0
-
 
 
 def test_replay_holds_the_unconditional_prediction_on_every_replayed_image(tiny_sd1):

@@ -403,6 +403,7 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_prior_sigma": str(cfg.prior_sigma),
         "vdu_replay": str(cfg.replay),
         "vdu_replay_batch": str(cfg.replay_batch or cfg.batch_size),
+        "vdu_hold_unconditional": str(cfg.hold_unconditional).lower(),
         "vdu_keep": ", ".join(cfg.keep),
         "vdu_forget_prompts": json.dumps(cfg.forget_prompts),  # a prompt may hold commas
         "vdu_destination": str(cfg.destination),
