@@ -335,7 +335,7 @@ def test_replay_holds_the_unconditional_prediction_on_every_replayed_image(tiny_
     empty = cond_index(b.encode_text([""]), torch.zeros_like(pool.caption))
     with torch.no_grad():
         frozen_empty = b.denoise(pool.x_t, pool.t, empty)
-        torch.testing.assert_close(obj.replay_empty[1], frozen_empty)
+        torch.testing.assert_close(obj.replay_empty.ref, frozen_empty)
         for layer in run.network.layers.values():
             layer.up.normal_(0, 0.1)
     batch = obj.draw(torch.Generator().manual_seed(0))

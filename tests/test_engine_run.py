@@ -95,6 +95,7 @@ def test_variational_posterior_trains_and_exports_the_mean(tiny_sd1, fast_config
     key = next(iter(result.network.layers))
     assert torch.equal(result.lora[f"{key}.lora_down.weight"], layer.down.detach())
     assert result.metadata["vdu_variational"] == "true"
+    assert result.metadata["vdu_hold_unconditional"] == "true"  # the default, recorded with the LoRA
 
 
 def test_stop_rule_ends_the_run_when_the_forget_set_is_at_its_bound(tiny_sd1, fast_config):

@@ -93,6 +93,12 @@ class HeldNeighbours(NamedTuple):
     named: torch.Tensor  # per pool row: whether its caption names the concept (the others hold nothing)
 
 
+class HeldUnconditional(NamedTuple):
+    """The empty prompt on every replay row (VDU._replay_empty)."""
+    cond: Dict[str, torch.Tensor]  # the empty prompt, encoded
+    ref: torch.Tensor  # per replay row: the frozen model's prediction ε*(x'_t, ∅)
+
+
 class Objective:
     """The contract. `reported`: the statistics `loss` returns, shown in this order."""
 
@@ -200,13 +206,12 @@ class VDU(Objective):
         return guided_away(self.dest.ref, self.dest.target, eta)
 
     def _replay_empty(self):
-        """(cond, ε*(x'_t, ∅)): the empty prompt encoded, and the frozen model's prediction for it on
-        every replay row. Classifier-free guidance evaluates ε(∅) on every prompt's sample,
-        ε(∅) + w (ε(c) − ε(∅)), so a drift there moves them all; held only on the unconditional
-        prompt's own images, it let a circle run turn square prompts round (docs/quality/tuning.md,
-        2026-12-06 (fifth))."""
+        """The empty prompt encoded, and the frozen model's prediction for it on every replay row.
+        Classifier-free guidance evaluates ε(∅) on every prompt's sample, ε(∅) + w (ε(c) − ε(∅)), so
+        a drift there moves them all; held only on the unconditional prompt's own images, it let a
+        circle run turn square prompts round (docs/quality/tuning.md, 2026-12-06 (fifth))."""
         cond, _, ref = self.replay.frozen_per_row(self.run, [""] * len(self.replay))
-        return cond, ref
+        return HeldUnconditional(cond, ref)
 
     def _held_neighbours(self):
         """Per forget row, its caption with one of the vicinity's neighbours in the concept's place (row r takes
@@ -246,7 +251,7 @@ class VDU(Objective):
             replay_cond = cond_index(self.replay.cond, self.replay.caption[replay])
             extras["replay"] = self._extra(self.replay, replay, replay_cond)
             if self.replay_empty is not None:
-                empty = cond_index(self.replay_empty[0], torch.zeros_like(replay))
+                empty = cond_index(self.replay_empty.cond, torch.zeros_like(replay))
                 extras["replay_empty"] = self._extra(self.replay, replay, empty)
         if dest is not None:
             extras["dest"] = self._extra(self.dest, dest, run.forget_cond(self.dest.caption[dest]))
@@ -267,7 +272,7 @@ class VDU(Objective):
             drift = denoising_error(pred_r, self.replay.ref[replay])
             if self.replay_empty is not None:
                 # + the same for the unconditional prediction ε_θ(x'_t, ∅), on the same rows
-                drift = drift + denoising_error(preds["replay_empty"], self.replay_empty[1][replay])
+                drift = drift + denoising_error(preds["replay_empty"], self.replay_empty.ref[replay])
             stability = stability + cfg.replay * n * drift.sum() * share
         if pred_h is not None:
             # replay · N · E‖ε_θ(x_t, c_w) − ε*(x_t, c_w)‖² on the forget rows, under a neighbour's caption
