@@ -188,10 +188,18 @@ class VDUUnlearn:
             "memory": (list(MEMORY_PRESETS), {"default": "fast", "tooltip": (
                 "fast: nothing saved. balanced: one image per forward/backward pass. low: also gradient "
                 "checkpointing (least memory, slowest). The learned LoRA is the same up to rounding.")}),
+        }, "optional": {  # optional, so that API workflows saved before they existed still validate
+            "own_images": ("INT", {"default": d.fisher_samples, "min": 1, "max": 1024, "tooltip": (
+                "Images the model draws itself before training: what it must keep drawing (held by the "
+                "replay and the prior) and what the concept's prompts should draw instead. Most of the "
+                "set-up time; fewer = faster, weaker protection.")}),
+            "sample_steps": ("INT", {"default": d.sample_steps, "min": 1, "max": 200, "tooltip": (
+                "Sampler steps for every image the model draws itself (these, and a prompt-only run's "
+                "images of the concept).")}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
-            layers, seed, memory="fast"):
+            layers, seed, memory="fast", own_images=_DEFAULTS.fisher_samples, sample_steps=_DEFAULTS.sample_steps):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
@@ -201,7 +209,8 @@ class VDUUnlearn:
                             rank=rank, alpha=float(rank), lr=learning_rate, gamma=gamma, prior=prior,
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
                             resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []),
-                            forget_prompts=forget.get("forget_prompts", [])).validate()
+                            forget_prompts=forget.get("forget_prompts", []), fisher_samples=own_images,
+                            sample_steps=sample_steps).validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
 

@@ -71,7 +71,7 @@ def test_unlearn_through_comfy_loads_back_and_leaves_the_model_alone(comfy_model
     model = comfy_models["model"]
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     b = _backend(comfy_models)
-    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2,
+    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2, fisher_samples=4,
                         prior="isotropic", resolution=64, layers="all", lr=1e-2, cache_dir=str(tmp_path))
     with torch.inference_mode():  # as ComfyUI runs nodes
         result = unlearn(b, cfg)
@@ -108,7 +108,7 @@ def test_one_unet_the_models_own_and_every_branch_of_the_graph_sees_it_unchanged
     b = _backend({"model": model, "clip": clip, "vae": vae})
     assert b.unet is model.model.diffusion_model
     assert not any(p.is_inference() for p in b.unet.parameters())
-    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2,
+    cfg = UnlearnConfig(concept="a red circle", steps=2, num_images=2, batch_size=2, sample_steps=2, fisher_samples=4,
                         prior="isotropic", resolution=64, lr=1e-2, cache_dir=str(tmp_path))
     with torch.inference_mode():  # as ComfyUI runs nodes
         unlearn(b, cfg)

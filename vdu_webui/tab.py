@@ -161,7 +161,8 @@ def _input_fields(gr) -> dict:
             f["preview_steps"] = gr.Number(label="Preview steps (0: none)", value=20, precision=0)
         with gr.Row():
             f["num_images"] = gr.Number(label="Images generated (prompt only)", value=_D.num_images, precision=0)
-            f["fisher_samples"] = gr.Number(label="Images for the prior", value=_D.fisher_samples, precision=0)
+            f["fisher_samples"] = gr.Number(label="Images the model draws itself (set-up)", value=_D.fisher_samples,
+                                            precision=0)
         f["forget_prompts"] = gr.Textbox(label="Prompts naming the concept as you use it (prompt only, one per line)",
                                          placeholder="a red car on a street", lines=3)
         with gr.Row():

@@ -40,7 +40,7 @@ SPECS: Dict[str, tuple] = {
                    [("VDU_FORGET", "VDU_FORGET")]),
     "VDUUnlearn": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("forget", "VDU_FORGET")],
                    ["objective", "steps", "rank", "learning_rate", "gamma", "prior", "prior_sigma", "layers",
-                    "seed+control", "memory"],
+                    "seed+control", "memory", "own_images", "sample_steps"],
                    [("model", "MODEL"), ("lora", "VDU_LORA"), ("loss_curve", "IMAGE")]),
     "VDUSaveLoRA": ([("lora", "VDU_LORA")], ["filename", "overwrite"], [("lora_name", "STRING")]),
 }
@@ -130,7 +130,8 @@ def _compare(g: Graph, ckpt: Node, model_after: Node, prompts: str, y: int) -> N
 def _unlearn(g: Graph, ckpt: Node, forget: Node, filename: str) -> Node:
     un = g.add("VDUUnlearn", (420, 0), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), forget=(forget, 0),
                objective=D.objective, steps=D.steps, rank=D.rank, learning_rate=D.lr, gamma=D.gamma,
-               prior=D.prior, prior_sigma=D.prior_sigma, layers=D.layers, seed=D.seed, memory="fast")
+               prior=D.prior, prior_sigma=D.prior_sigma, layers=D.layers, seed=D.seed, memory="fast",
+               own_images=D.fisher_samples, sample_steps=D.sample_steps)
     g.add("VDUSaveLoRA", (800, 0), lora=(un, 1), filename=filename, overwrite=True)
     g.add("PreviewImage", (800, 180), "Loss curve", images=(un, 2))
     return un
