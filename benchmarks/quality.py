@@ -115,13 +115,14 @@ def runs(concept: str, sizes, keep_row: bool):
     if keep_row:
         near = dataset.CONCEPTS[concept]["neighbours"]  # what a user who knows the neighbour would keep
         out.append((f"vdu ({mid} images, keep {', '.join(near)})", "vdu", mid, {"keep": near}, None))
-    for objective, n_images, label in (("gradient_ascent", mid, f"{mid} images"), ("esd", None, "prompt"),
-                                       ("score_align", None, "prompt")):
+    # Every trained baseline learns from the same captioned images as VDU's middle row: on the bare word
+    # (a prompt the mini model never saw) ESD and score alignment barely moved (docs/quality/tuning.md, "stop 36").
+    for objective in ("gradient_ascent", "esd", "score_align"):
         # ESD-x and SFD adapt every cross-attention projection; their papers' choice, not ours
         layers = {} if objective == "gradient_ascent" else {"layers": "cross_attention"}
         for g in BASELINE_GRID:
-            name = f"{objective} ({label}, lr {g['lr']:g}, {g['steps']} steps)"
-            out.append((name, objective, n_images, {**g, **layers}, objective))
+            name = f"{objective} ({mid} images, lr {g['lr']:g}, {g['steps']} steps)"
+            out.append((name, objective, mid, {**g, **layers}, objective))
     out.append((f"uce ({mid} images' captions)", "uce", mid, {}, None))
     return out
 

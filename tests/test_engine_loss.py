@@ -355,3 +355,22 @@ def test_replay_holds_the_unconditional_prediction_on_every_replayed_image(tiny_
     assert own.min() > 0 and unconditional.min() > 0
     torch.testing.assert_close(with_replay - without, 0.5 * 10.0 * 3 * (own + unconditional).mean(),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_score_align_pulls_each_caption_to_its_own_caption_without_the_concept(tiny_sd1):
+    """The score-alignment baseline's anchor, by hand: without --anchor, each forget row's goal is the
+    frozen model's prediction for its caption with the concept taken out (the bare word's: the empty
+    prompt); a user's anchor replaces them all."""
+    from vdu_engine.objectives import ScoreAlign
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    removed = {"a red circle": "a circle", "a small red square": "a small square", "red": ""}
+    for anchor in ("", "a dog"):
+        run = _vdu_run(b, objective="score_align", anchor=anchor)
+        obj = ScoreAlign(run)
+        rows = torch.arange(8)
+        caps = [run.all_captions[i] for i in obj.pool.caption[rows].tolist()]
+        assert set(caps) <= set(removed)
+        goals = [anchor or removed[c] for c in caps]
+        with torch.no_grad():
+            hand = b.denoise(obj.pool.x_t[rows], obj.pool.t[rows], b.encode_text(goals))
+        torch.testing.assert_close(obj.goal[rows], hand, rtol=1e-4, atol=1e-5)

@@ -104,7 +104,7 @@ def test_one_quick_benchmark_cell(tmp_path):
     assert report["training_seeds"] == 2 and report["baseline_seeds"] == 1
     rows = report["concepts"]["red"]
     assert {"original", "vdu (8 images)", "vdu (prompt)", "uce (8 images' captions)"} <= set(rows)
-    for baseline in ("gradient_ascent (8 images", "esd (prompt", "score_align (prompt"):  # each one's best grid row
+    for baseline in ("gradient_ascent (8 images", "esd (8 images", "score_align (8 images"):  # each one's best grid row
         assert sum(n.startswith(baseline) and n.endswith(f"(best of {len(quality.BASELINE_GRID)})") for n in rows) == 1
         assert len([n for n in report["baseline_grids"]["red"][baseline.split()[0]]]) == len(quality.BASELINE_GRID)
     for r in rows.values():

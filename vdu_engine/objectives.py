@@ -156,11 +156,14 @@ class ESD(Objective):
 
 class ScoreAlign(Objective):
     """SFD-style score alignment (Chen et al., ICLR 2025): the concept's prediction ε_θ(x_t, c)
-    pulled to the frozen model's prediction for a safe anchor prompt, ε*(x_t, c_anchor)."""
+    pulled to the frozen model's prediction for a safe anchor prompt, ε*(x_t, c_anchor). The anchor is
+    the user's `--anchor`; without one, each caption's own c⁻ (the caption without the concept, so "a red
+    circle on white" is aligned to "a circle on white" rather than to the empty prompt, which would erase
+    the whole caption; the bare concept word's c⁻ is the empty prompt)."""
 
     def __init__(self, run):
         super().__init__(run)
-        self.goal = self.pool.frozen(run, lambda i: run.cfg.anchor)
+        self.goal = self.pool.frozen(run, run.destination_prompt)
 
     def loss(self, batch, part):
         rows = batch["rows"][part]
