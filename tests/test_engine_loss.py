@@ -115,9 +115,11 @@ def _vdu_run(b, **kw):
     from vdu_engine import ForgetSet
     from vdu_engine.config import UnlearnConfig
     from vdu_engine.train import Run
-    cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, fisher_samples=3,
-                        sample_steps=2, **kw).validate()
-    forget = ForgetSet.from_tensor(torch.rand(3, 3, 64, 64), ["a red circle", "a small red square", "red"],
+    # own_forget_images off: the hand computations below count the 3 images as N
+    kw = {"own_forget_images": False, "fisher_samples": 3, **kw}
+    cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, sample_steps=2, **kw).validate()
+    forget = ForgetSet.from_tensor(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+                                   ["a red circle", "a small red square", "red"],
                                    channels_last=False)
     return Run(b, cfg).setup(forget)
 
@@ -374,3 +376,21 @@ def test_score_align_pulls_each_caption_to_its_own_caption_without_the_concept(t
         with torch.no_grad():
             hand = b.denoise(obj.pool.x_t[rows], obj.pool.t[rows], b.encode_text(goals))
         torch.testing.assert_close(obj.goal[rows], hand, rtol=1e-4, atol=1e-5)
+
+
+def test_the_forget_set_adds_the_models_own_images_of_its_captions(tiny_sd1):
+    """Image runs forget the user's images and, beside them, what the frozen model draws for their captions:
+    one image per caption in turn, as many as the images and at most --fisher-samples, from their own seed;
+    they count in N. Not for the baselines, whose forget set is the user's images."""
+    from vdu_engine.sampling import ddim_latents
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    user = _vdu_run(b)
+    run = _vdu_run(b, own_forget_images=True, fisher_samples=2)
+    caps = ["a red circle", "a small red square", "red"]
+    assert user.captions == caps and run.captions == caps + caps[:2]
+    assert run.n_forget == 5 and run.n_own == 2
+    torch.testing.assert_close(run.latents[:3], user.latents)
+    with torch.no_grad():
+        own = ddim_latents(b, caps[:2], run.cfg.seed + 30_000, 2, run.cfg.guidance, run.resolution)
+    torch.testing.assert_close(run.latents[3:], own.float(), rtol=1e-4, atol=1e-4)
+    assert _vdu_run(b, own_forget_images=True, objective="esd").n_forget == 3

@@ -100,6 +100,9 @@ class UnlearnConfig:
     train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
     resolution: Optional[int] = field(default=None, metadata={"help":
         "training resolution in pixels (default: the model's native one)"})
+    own_forget_images: bool = field(default=True, metadata={"help":
+        "vdu, image runs: also forget the images the model draws for the forget images' captions (as many as the "
+        "images, at most --fisher-samples): what sampling draws for the concept, beside what the images show"})
     num_images: int = field(default=16, metadata={"help":
         "prompt-only runs: how many images of the concept the model generates to forget"})
     forget_prompts: List[str] = field(default_factory=list, metadata={"help":

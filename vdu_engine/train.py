@@ -81,7 +81,22 @@ def _forget_latents(backend, cfg, forget, resolution):
         lat = torch.cat([backend.encode_images(pixels[i:i + 8].to(backend.device))
                          for i in range(0, len(pixels), 8)]).float()
     # The pixels are finite (data.py), so nan/inf here is the VAE's: the SDXL VAE overflows in fp16.
-    return require_finite(lat, LATENTS_NAN, backend.fixes["vae"]), captions
+    lat = require_finite(lat, LATENTS_NAN, backend.fixes["vae"])
+    if cfg.objective != "vdu" or not cfg.own_forget_images:
+        return lat, captions
+    own, own_captions = _own_renderings(backend, cfg, captions, resolution)
+    return torch.cat([lat, own.float()]), list(captions) + own_captions
+
+
+def _own_renderings(backend, cfg, captions: List[str], resolution):
+    """The frozen model's own images for the forget captions, one per image up to --fisher-samples. The
+    images show the concept as the user photographed it; these show it as the model draws it, which is what
+    sampling visits. From 8 circle images they carry the forgetting to most circle prompts (25 → 9 % left;
+    docs/quality/tuning.md, "stop 36")."""
+    n = min(len(captions), cfg.fisher_samples)
+    own_captions = [captions[i * len(captions) // n] for i in range(n)]
+    lat = ddim_latents(backend, own_captions, cfg.seed + 30_000, cfg.sample_steps, cfg.guidance, resolution)
+    return lat, own_captions
 
 
 def _prompt_only_captions(cfg) -> List[str]:
@@ -194,7 +209,8 @@ class Run:
         t0 = time.perf_counter()
         latents, self.captions = _forget_latents(self.backend, self.cfg, forget, self.resolution)
         self.latents = self.workers.broadcast(latents.contiguous())
-        self.n_forget = len(self.latents)
+        self.n_forget = len(self.latents)  # N of the loss: the user's images and the model's own renderings
+        self.n_own = self.n_forget - (len(forget) if forget is not None else self.n_forget)
         self.vicinity = self._find_vicinity()
         self._caption_variants()
         self.timings["encode"] = time.perf_counter() - t0
@@ -415,7 +431,8 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_lr": str(cfg.lr),
         "vdu_variational": str(cfg.variational).lower(),
         "vdu_seed": str(cfg.seed),
-        "vdu_num_forget_images": str(n_images),
+        "vdu_num_forget_images": str(n_images - run.n_own),
+        "vdu_own_forget_images": str(run.n_own),
         "vdu_num_layers": str(len(targets)),
         "vdu_engine_version": __version__,
     }
