@@ -62,7 +62,8 @@ def _first_gradients(monkeypatch, tiny_sd1, fast_config, **kw):
 
 @pytest.mark.parametrize("objective", ["vdu", "esd"])
 def test_micro_batches_and_checkpointing_learn_the_same_lora(objective, tiny_sd1, fast_config, monkeypatch):
-    """The first step's summed gradients agree to float32 rounding (1e-5 of the largest), which
+    """The first step's summed gradients agree to float32 rounding (3e-5 of the largest: sums of this
+    size in float32, taken in another order, differ by about 1e-5 of their largest term), which
     is what "the same step" means; after 3 Adam steps the factors agree to 1e-2 of the network's
     largest factor: Adam's division by √v turns the rounding of near-zero gradients into steps of
     the full learning rate, so the factors cannot agree more tightly, while a wrong split of the
@@ -73,7 +74,7 @@ def test_micro_batches_and_checkpointing_learn_the_same_lora(objective, tiny_sd1
         top = max(g.abs().max().item() for g in g_ref)
         assert top > 0
         for x, y in zip(g_ref, g_other):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * top)
+            torch.testing.assert_close(x, y, rtol=0, atol=3e-5 * top)
         _assert_same_lora(ref, other, rel=1e-2)
     # the wrappers are gone: every block runs its class's own forward again
     assert all("forward" not in vars(m) for m in b.unet.modules())

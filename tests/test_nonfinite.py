@@ -66,18 +66,23 @@ def test_text_encoder_nan_names_the_text_encoder(images, backend, no_training, f
     assert "--dtype float32" in message
 
 
-@pytest.mark.parametrize("objective,images,part", [
-    ("vdu", True, "the frozen UNet's predictions (made before training)"),  # the forget rows' bound
-    ("esd", True, "the frozen UNet's predictions (made before training)"),  # the pool's targets
-    ("vdu", False, "the UNet's samples (the images the model generates itself)"),  # prompt-only forget images
+SAMPLES = "the UNet's samples (the images the model generates itself)"
+
+
+@pytest.mark.parametrize("objective,images,own,part", [
+    ("vdu", True, False, "the frozen UNet's predictions (made before training)"),  # the forget rows' bound
+    ("esd", True, False, "the frozen UNet's predictions (made before training)"),  # the pool's targets
+    ("vdu", True, True, SAMPLES),  # the model's own images of the forget captions
+    ("vdu", False, False, SAMPLES),  # prompt-only forget images
 ])
-def test_unet_inf_names_the_unet_and_its_precision(objective, images, part, backend, no_training, fast_config,
+def test_unet_inf_names_the_unet_and_its_precision(objective, images, own, part, backend, no_training, fast_config,
                                                     red_images):
     real = backend.denoise
     backend.denoise = lambda x, t, c: real(x, t, c) * float("inf")
     forget = ForgetSet.from_folder(red_images) if images else None
     # destination 0: the destination's pool would be made (and checked) before the forget rows' bound
-    message = stops(backend, fast_config(objective=objective, prior="isotropic", neighbours=0, destination=0.0), forget)
+    cfg = fast_config(objective=objective, prior="isotropic", neighbours=0, destination=0.0, own_forget_images=own)
+    message = stops(backend, cfg, forget)
     assert message.startswith(part) and "--dtype float32 --precision fp32" in message
 
 
