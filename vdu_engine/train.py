@@ -93,8 +93,7 @@ def _own_renderings(backend, cfg, captions: List[str], resolution):
     images show the concept as the user photographed it; these show it as the model draws it, which is what
     sampling visits. From 8 circle images they carry the forgetting to most circle prompts (25 → 9 % left;
     docs/quality/tuning.md, "stop 36")."""
-    n = min(len(captions), cfg.fisher_samples)
-    own_captions = [captions[i * len(captions) // n] for i in range(n)]
+    own_captions = spread(captions, min(len(captions), cfg.fisher_samples))
     lat = ddim_latents(backend, own_captions, cfg.seed + 30_000, cfg.sample_steps, cfg.guidance, resolution)
     return lat, own_captions
 
@@ -144,8 +143,12 @@ def fisher_image_prompts(cfg, captions: List[str], neighbours: List[str] = (), s
     """One prompt per Fisher image: the preservation prompts spread evenly over the images, the
     unconditional one first. (Not the first ones in order: sorted captions would put only "a
     large …" prompts in when there are more prompts than images.)"""
-    prompts, n = fisher_prompts(cfg, captions, neighbours, synonyms), cfg.fisher_samples
-    return [prompts[i * len(prompts) // n] for i in range(n)]
+    return spread(fisher_prompts(cfg, captions, neighbours, synonyms), cfg.fisher_samples)
+
+
+def spread(items: List[str], n: int) -> List[str]:
+    """n picks spread evenly over items, in order (each item repeated when n exceeds them)."""
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def _build_prior(run) -> PriorEnergy:
