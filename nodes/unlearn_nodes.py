@@ -191,8 +191,8 @@ class VDUUnlearn:
         }, "optional": {  # optional, so that API workflows saved before they existed still validate
             "own_images": ("INT", {"default": d.fisher_samples, "min": 1, "max": 1024, "tooltip": (
                 "Images the model draws itself before training: what it must keep drawing (held by the "
-                "replay and the prior), what the concept's prompts should draw instead, and (up to one per "
-                "forget image) the concept as it draws it, forgotten beside your images. Most of the "
+                "replay and the prior), what the concept's prompts should draw instead, and the concept as "
+                "it draws it for your images' captions, forgotten beside your images. Most of the "
                 "set-up time; fewer = faster, weaker protection.")}),
             "sample_steps": ("INT", {"default": d.sample_steps, "min": 1, "max": 200, "tooltip": (
                 "Sampler steps for every image the model draws itself (these, and a prompt-only run's "

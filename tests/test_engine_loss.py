@@ -380,17 +380,18 @@ def test_score_align_pulls_each_caption_to_its_own_caption_without_the_concept(t
 
 def test_the_forget_set_adds_the_models_own_images_of_its_captions(tiny_sd1):
     """Image runs forget the user's images and, beside them, what the frozen model draws for their captions:
-    one image per caption in turn, as many as the images and at most --fisher-samples, from their own seed;
+    --fisher-samples images over the captions in turn (more than the user's images here), from their own seed;
     they count in N. Not for the baselines, whose forget set is the user's images."""
     from vdu_engine.sampling import ddim_latents
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
     user = _vdu_run(b)
-    run = _vdu_run(b, own_forget_images=True, fisher_samples=2)
+    run = _vdu_run(b, own_forget_images=True, fisher_samples=5)
     caps = ["a red circle", "a small red square", "red"]
-    assert user.captions == caps and run.captions == caps + caps[:2]
-    assert run.n_forget == 5 and run.n_own == 2
+    own_caps = [caps[0], caps[0], caps[1], caps[1], caps[2]]
+    assert user.captions == caps and run.captions == caps + own_caps
+    assert run.n_forget == 8 and run.n_own == 5
     torch.testing.assert_close(run.latents[:3], user.latents)
     with torch.no_grad():
-        own = ddim_latents(b, caps[:2], run.cfg.seed + 30_000, 2, run.cfg.guidance, run.resolution)
+        own = ddim_latents(b, own_caps, run.cfg.seed + 30_000, 2, run.cfg.guidance, run.resolution)
     torch.testing.assert_close(run.latents[3:], own.float(), rtol=1e-4, atol=1e-4)
     assert _vdu_run(b, own_forget_images=True, objective="esd").n_forget == 3

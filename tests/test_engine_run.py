@@ -67,7 +67,7 @@ def test_runs_on_each_architecture_and_leaves_the_model_untouched(kind, prior, t
         out_before = b.denoise(x, t, cond)
     result = unlearn(b, fast_config(prior=prior, steps=3), ForgetSet.from_folder(red_images))
     assert result.metadata["vdu_num_forget_images"] == "4"
-    assert result.metadata["vdu_own_forget_images"] == "2"  # one per image, at most fisher_samples (2 here)
+    assert result.metadata["vdu_own_forget_images"] == "2"  # fisher_samples of them (2 here)
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
     assert [p.requires_grad for p in pipe.unet.parameters()] == flags
     assert all(p.grad is None for p in pipe.unet.parameters())

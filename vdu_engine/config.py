@@ -78,8 +78,9 @@ class UnlearnConfig:
     anchor_guidance: float = field(default=1.0, metadata={"help":
         "strength of the destination's negative guidance, away from the concept (remove and anchor; a neighbour "
         "is not pushed past)"})
-    plasticity: float = field(default=1.0, metadata={"help":
-        "vdu: weight of the bounded plasticity inducer, the term that makes the model forget"})
+    plasticity: float = field(default=0.5, metadata={"help":
+        "vdu: weight of the bounded plasticity inducer against the destination's (1); the default 0.5 came from a "
+        "sweep on the mini world (docs/quality/tuning.md)"})
     neighbours: int = field(default=8, metadata={"help":
         "nearest words checked: synonyms are forgotten too, the other neighbours held (0 = off)"})
     uce_preserve: float = field(default=1.0, metadata={"help":
@@ -101,8 +102,8 @@ class UnlearnConfig:
     resolution: Optional[int] = field(default=None, metadata={"help":
         "training resolution in pixels (default: the model's native one)"})
     own_forget_images: bool = field(default=True, metadata={"help":
-        "vdu, image runs: also forget the images the model draws for the forget images' captions (as many as the "
-        "images, at most --fisher-samples): what sampling draws for the concept, beside what the images show"})
+        "vdu, image runs: also forget --fisher-samples images the model draws for the forget images' captions: "
+        "what sampling draws for the concept, beside what the images show"})
     num_images: int = field(default=16, metadata={"help":
         "prompt-only runs: how many images of the concept the model generates to forget"})
     forget_prompts: List[str] = field(default_factory=list, metadata={"help":
