@@ -38,8 +38,12 @@ def _objective_value(b, objective, network, cfg, batch):
 @pytest.mark.parametrize("objective", ["vdu", "esd", "score_align", "gradient_ascent"])
 def test_each_objective_lowers_its_own_target(objective, tiny_sd1, fast_config):
     b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    # VDU as the paper writes it (the plasticity inducer against the Gaussian prior: no destination, no replay),
+    # whose forgetting target is the denoising error; the destination pulls the concept to the anchor's prediction
+    # and the replay holds other prompts, which on a random tiny model may hold that error where it was
+    extra = {"destination": 0.0, "replay": 0.0} if objective == "vdu" else {}
     cfg = fast_config(objective=objective, steps=25, lr=2e-3, num_images=4, stop_when_bounded=0,
-                      prior="isotropic", prior_sigma=1.0, bound=100.0)
+                      prior="isotropic", prior_sigma=1.0, bound=100.0, **extra)
     result = unlearn(b, cfg)
     assert len(result.history) == 25
     batch = _fixed_batch(b)
