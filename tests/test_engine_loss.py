@@ -380,7 +380,7 @@ def test_score_align_pulls_each_caption_to_its_own_caption_without_the_concept(t
 
 def test_the_forget_set_adds_the_models_own_images_of_its_captions(tiny_sd1):
     """Image runs forget the user's images and, beside them, what the frozen model draws for their captions:
-    --fisher-samples images over the captions in turn (more than the user's images here), from their own seed;
+    --fisher-samples images spread evenly over the captions (more than the user's images here), from their own seed;
     they count in N. Not for the baselines, whose forget set is the user's images."""
     from vdu_engine.sampling import ddim_latents
     b = DiffusersBackend.load(tiny_sd1, device="cpu")

@@ -89,8 +89,8 @@ def _forget_latents(backend, cfg, forget, resolution):
 
 
 def _own_renderings(backend, cfg, captions: List[str], resolution):
-    """The frozen model's own images for the forget captions, --fisher-samples of them over the captions in
-    turn, as many as the destination draws. The images show the concept as the user photographed it; these
+    """The frozen model's own images for the forget captions, --fisher-samples of them spread evenly over
+    the captions, as many as the destination draws. The images show the concept as the user photographed it; these
     show it as the model draws it, which is what sampling visits. From 8 circle images they carry the
     forgetting to most circle prompts (25 → 6 % left; docs/quality/tuning.md, "Stop 36" and "Stop 37")."""
     own_captions = spread(captions, cfg.fisher_samples)
