@@ -115,8 +115,9 @@ def _vdu_run(b, **kw):
     from vdu_engine import ForgetSet
     from vdu_engine.config import UnlearnConfig
     from vdu_engine.train import Run
-    # own_forget_images off: the hand computations below count the 3 images as N
-    kw = {"own_forget_images": False, "fisher_samples": 3, **kw}
+    # own_forget_images off: the hand computations below count the 3 images as N; concept_prefix off: they
+    # name each row's caption (the prefixes have their own test)
+    kw = {"own_forget_images": False, "fisher_samples": 3, "concept_prefix": False, **kw}
     cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, sample_steps=2, **kw).validate()
     forget = ForgetSet.from_tensor(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
                                    ["a red circle", "a small red square", "red"],
@@ -395,3 +396,41 @@ def test_the_forget_set_adds_the_models_own_images_of_its_captions(tiny_sd1):
         own = ddim_latents(b, own_caps, run.cfg.seed + 30_000, 2, run.cfg.guidance, run.resolution)
     torch.testing.assert_close(run.latents[3:], own.float(), rtol=1e-4, atol=1e-4)
     assert _vdu_run(b, own_forget_images=True, objective="esd").n_forget == 3
+
+
+def test_each_caption_is_also_trained_cut_after_the_concept(tiny_sd1):
+    """`--concept-prefix`: a forget image's caption that goes on after the concept is also trained up to it
+    ("a small red square" → "a small red"), beside its own and its synonyms' versions. The destination draws
+    for whole captions only, a prefix that is itself some image's whole caption stays one, and other
+    objectives (baselines as their papers define them) get no prefixes."""
+    from vdu_engine import ForgetSet
+    from vdu_engine.config import UnlearnConfig
+    from vdu_engine.destination import plan
+    from vdu_engine.neighbours import Vicinity
+    from vdu_engine.train import Run
+    b = DiffusersBackend.load(tiny_sd1, device="cpu")
+    captions = ["a red circle on grey", "a small red square", "red", "a red"]
+    forget = ForgetSet.from_tensor(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), captions,
+                                   channels_last=False)
+
+    def run_for(**kw):
+        cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, sample_steps=2,
+                            own_forget_images=False, fisher_samples=4, **kw).validate()
+        return Run(b, cfg).setup(forget)
+
+    run = run_for()
+    versions = [[run.all_captions[i] for i in v] for v in run.variants]
+    assert versions == [["a red circle on grey", "a red"], ["a small red square", "a small red"], ["red"], ["a red"]]
+    assert run.prefixes == {"a small red"}  # "a red" is also the fourth image's own caption
+    assert run.n_prefixes == 2
+    dest = plan(run)
+    assert "a small red" not in [run.all_captions[i] for i in dest.sources]
+    drawn_for = sorted({run.all_captions[i] for i in dest.sources})
+    assert drawn_for == ["a red", "a red circle on grey", "a small red square", "red"]
+    assert run_for(concept_prefix=False).variants == [[0], [1], [2], [3]]
+    assert run_for(objective="esd").prefixes == set() and run_for(objective="esd").n_prefixes == 0
+    synonym = run_for()
+    synonym.vicinity = Vicinity(synonyms=["crimson"])
+    synonym._caption_variants()
+    assert [synonym.all_captions[i] for i in synonym.variants[1]] == ["a small red square", "a small crimson square",
+                                                                       "a small red"]

@@ -104,8 +104,13 @@ class UnlearnConfig:
     own_forget_images: bool = field(default=True, metadata={"help":
         "vdu, image runs: also forget --fisher-samples images the model draws for the forget images' captions: "
         "what sampling draws for the concept, beside what the images show"})
-    num_images: int = field(default=16, metadata={"help":
-        "prompt-only runs: how many images of the concept the model generates to forget"})
+    concept_prefix: bool = field(default=True, metadata={"help":
+        "vdu: also forget each caption cut after the concept (\"a small orange circle on a grey background\" -> "
+        "\"a small orange circle\"): a causal text encoder (CLIP) encodes that prefix alike in every prompt that "
+        "goes on from it, so the forgetting reaches settings the captions do not name"})
+    num_images: int = field(default=32, metadata={"help":
+        "prompt-only runs: how many images of the concept the model generates to forget (the default matches "
+        "--fisher-samples, the model's own images an image run adds; docs/quality/tuning.md, stop 38)"})
     forget_prompts: List[str] = field(default_factory=list, metadata={"help":
         'prompt-only runs: prompts naming the concept in the context it is used in ("a large red circle on '
         'a black background"), drawn in turn for the --num-images images (none given = the concept alone)'})

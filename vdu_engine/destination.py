@@ -86,7 +86,7 @@ def plan(run) -> Optional[Destination]:
     cfg = run.cfg
     if cfg.destination <= 0 or run.concept_words is None:
         return None
-    named = [i for i, c in enumerate(run.all_captions) if run.concept_words.search(c)]
+    named = [i for i, c in enumerate(run.all_captions) if run.concept_words.search(c) and c not in run.prefixes]
     if not named:
         return None
     # As many images as the model draws for its preservation prompts (--fisher-samples), over the captions.
