@@ -67,6 +67,7 @@ def report(concept, rows):
               f"({len(got)} samples); per size ({right} / as {concept}): {by(got, size_of)}")
         if set_name != "forget":
             print(f"  per {'colour' if colour_kind else 'shape'} asked: {by(got, asked_kind)}")
+            print(f"  per background: {by(got, background_of)}")
             continue
         print(f"  per colour: {by(got, lambda c: c.colour)}")
         print(f"  per background: {by(got, background_of)}")

@@ -414,8 +414,9 @@ def test_each_caption_is_also_trained_cut_after_the_concept(tiny_sd1):
                                    channels_last=False)
 
     def run_for(**kw):
+        kw = {"fisher_samples": 4, **kw}
         cfg = UnlearnConfig(concept="red", batch_size=2, prior="isotropic", neighbours=0, sample_steps=2,
-                            own_forget_images=False, fisher_samples=4, **kw).validate()
+                            own_forget_images=False, **kw).validate()
         return Run(b, cfg).setup(forget)
 
     run = run_for()
@@ -428,6 +429,9 @@ def test_each_caption_is_also_trained_cut_after_the_concept(tiny_sd1):
     drawn_for = sorted({run.all_captions[i] for i in dest.sources})
     assert drawn_for == ["a red", "a red circle on grey", "a small red square", "red"]
     assert run_for(concept_prefix=False).variants == [[0], [1], [2], [3]]
+    # the prefix is held as its caption is: "a small red" → "a small", after the whole captions' prompts
+    assert run_for(fisher_samples=5).image_prompts == ["", "a circle on grey", "a small square", "a", "a small"]
+    assert "a small" not in run_for(fisher_samples=5, concept_prefix=False).image_prompts
     assert run_for(objective="esd").prefixes == set() and run_for(objective="esd").n_prefixes == 0
     synonym = run_for()
     synonym.vicinity = Vicinity(synonyms=["crimson"])

@@ -163,6 +163,22 @@ def test_fisher_images_spread_over_all_the_prompts():
     assert max(few.count(p) for p in few) == 2
 
 
+def test_the_captions_cut_after_the_concept_add_their_own_preservation_prompts():
+    """A prefix ("a small red") is held the way its whole caption is: without the concept ("a small") and with
+    each neighbour in its place ("a small orange"), after the whole captions' prompts; prompts the user gives
+    replace them all, as they replace the captions' own."""
+    from vdu_engine import UnlearnConfig
+    from vdu_engine.train import fisher_image_prompts
+    caps, cut = ["a large red circle on a black background", "a small red square"], ["a large red", "a small red"]
+    cfg = UnlearnConfig(concept="red", fisher_samples=32)
+    picks = fisher_image_prompts(cfg, caps, neighbours=["orange"], prefixes=cut)
+    whole = ["", "a large circle on a black background", "a small square", "a large orange circle on a black background",
+             "a small orange square"]
+    assert list(dict.fromkeys(picks)) == whole + ["a large", "a small", "a large orange", "a small orange"]
+    assert set(fisher_image_prompts(cfg, caps, neighbours=["orange"])) == set(whole)
+    assert set(fisher_image_prompts(UnlearnConfig(concept="red", fisher_prompts=["x"]), caps, prefixes=cut)) == {"x"}
+
+
 def test_fisher_prior_reaches_the_text_encoder_when_it_is_trained(tiny_sd1, fast_config, tmp_path):
     """The Fisher images' conditioning is precomputed; with text-encoder targets the prompts must be
     encoded inside the graph, or the text encoder's weights get no gradient (an autograd error)."""
