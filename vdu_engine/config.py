@@ -107,10 +107,11 @@ class UnlearnConfig:
     concept_prefix: bool = field(default=True, metadata={"help":
         "vdu: also forget each caption cut after the concept (\"a small orange circle on a grey background\" -> "
         "\"a small orange circle\"): a causal text encoder (CLIP) encodes that prefix alike in every prompt that "
-        "goes on from it, so the forgetting reaches settings the captions do not name"})
+        "goes on from it, so the forgetting reaches settings the captions do not name; the prefix is held as its "
+        "caption is (the preservation prompts)"})
     num_images: int = field(default=32, metadata={"help":
         "prompt-only runs: how many images of the concept the model generates to forget (the default matches "
-        "--fisher-samples, the model's own images an image run adds; docs/quality/tuning.md, stop 38)"})
+        "--fisher-samples, the model's own images an image run adds)"})
     forget_prompts: List[str] = field(default_factory=list, metadata={"help":
         'prompt-only runs: prompts naming the concept in the context it is used in ("a large red circle on '
         'a black background"), drawn in turn for the --num-images images (none given = the concept alone)'})
