@@ -172,8 +172,8 @@ def test_the_captions_cut_after_the_concept_add_their_own_preservation_prompts()
     caps, cut = ["a large red circle on a black background", "a small red square"], ["a large red", "a small red"]
     cfg = UnlearnConfig(concept="red", fisher_samples=32)
     picks = fisher_image_prompts(cfg, caps, neighbours=["orange"], prefixes=cut)
-    whole = ["", "a large circle on a black background", "a small square", "a large orange circle on a black background",
-             "a small orange square"]
+    whole = ["", "a large circle on a black background", "a small square",
+             "a large orange circle on a black background", "a small orange square"]
     assert list(dict.fromkeys(picks)) == whole + ["a large", "a small", "a large orange", "a small orange"]
     assert set(fisher_image_prompts(cfg, caps, neighbours=["orange"])) == set(whole)
     assert set(fisher_image_prompts(UnlearnConfig(concept="red", fisher_prompts=["x"]), caps, prefixes=cut)) == {"x"}
