@@ -430,7 +430,7 @@ def test_each_caption_is_also_trained_cut_after_the_concept(tiny_sd1):
     assert drawn_for == ["a red", "a red circle on grey", "a small red square", "red"]
     assert run_for(concept_prefix=False).variants == [[0], [1], [2], [3]]
     # the prefix is held as its caption is: "a small red" → "a small", after the whole captions' prompts
-    assert run_for(fisher_samples=5).image_prompts == ["", "a circle on grey", "a small square", "a", "a small"]
+    assert run_for(fisher_samples=5).image_prompts == ["", "a", "a circle on grey", "a small square", "a small"]
     assert "a small" not in run_for(fisher_samples=5, concept_prefix=False).image_prompts
     assert run_for(objective="esd").prefixes == set() and run_for(objective="esd").n_prefixes == 0
     synonym = run_for()
