@@ -149,7 +149,7 @@ def fisher_image_prompts(cfg, captions: List[str], neighbours: List[str] = (), s
     carries the forgetting to settings no caption names also holds the rest of the model there (circle
     from 8 images: retain 38.5 → 42.1 %; docs/quality/tuning.md, "Stop 39")."""
     whole = fisher_prompts(cfg, captions, neighbours, synonyms)
-    cut = fisher_prompts(cfg, list(prefixes), neighbours, synonyms) if prefixes and not cfg.fisher_prompts else []
+    cut = fisher_prompts(cfg, list(prefixes), neighbours, synonyms)  # the user's own prompts: all in `whole` already
     return spread(whole + [p for p in cut if p not in whole], cfg.fisher_samples)
 
 
