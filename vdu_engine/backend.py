@@ -189,6 +189,10 @@ class Backend(ABC):
         words nearest to a concept; None when the backend cannot list them."""
         return None
 
+    def text_length(self) -> int:
+        """Tokens the text encoder reads per prompt, start and end included (CLIP: 77)."""
+        return 77
+
     def generate(self, prompts: List[str], seed: int, steps: int = 20, guidance: float = 7.5,
                  resolution: int | None = None) -> torch.Tensor:
         """Sample images [B, 3, H, W] in [0, 1] from the model itself, with the LoRAs the

@@ -78,6 +78,13 @@ class UnlearnConfig:
     anchor_guidance: float = field(default=1.0, metadata={"help":
         "strength of the destination's negative guidance, away from the concept (remove and anchor; a neighbour "
         "is not pushed past)"})
+    text_destination: bool = field(default=True, metadata={"help":
+        "vdu: also teach the text encoder to read the concept's word (and its synonyms) as its destination word, "
+        "in every context: the anchor if it is one word, else the nearby word the model draws most differently; "
+        "off where the captions hold the concept alone or the text encoder is trained (--train-text-encoder)"})
+    text_steps: int = field(default=800, metadata={"help":
+        "vdu with --text-destination: the text encoder's training steps at most (it stops once the destination term "
+        "is a hundredth of its first value)"})
     plasticity: float = field(default=0.5, metadata={"help":
         "vdu: weight of the bounded plasticity inducer against the destination's (1); the default 0.5 came from a "
         "sweep on the mini world (docs/quality/tuning.md)"})
@@ -152,7 +159,7 @@ class UnlearnConfig:
         if self.layers not in PRESETS:
             bad("layers", f"{self.layers!r} is not one of {', '.join(PRESETS)}")
         for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("num_images", 1),
-                         ("fisher_samples", 1), ("sample_steps", 1), ("replay_batch", 0)):
+                         ("fisher_samples", 1), ("sample_steps", 1), ("replay_batch", 0), ("text_steps", 1)):
             if int(getattr(self, name)) < lo:
                 bad(name, f"must be at least {lo}, got {getattr(self, name)}")
         if not float(self.replay) >= 0:

@@ -163,6 +163,9 @@ class DiffusersBackend(Backend):
         time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts), device=self.device, dtype=pooled.dtype)
         return {"context": torch.cat(hidden, dim=-1), "pooled": pooled, "time_ids": time_ids}
 
+    def text_length(self) -> int:
+        return int(self.tokenizers[0].model_max_length)
+
     def vocabulary(self):
         return whole_word_vocabulary(self.tokenizers[0], self.text_encoders[0].get_input_embeddings().weight)
 

@@ -67,6 +67,8 @@ class Vicinity:
     synonyms: List[str] = field(default_factory=list)
     neighbours: List[str] = field(default_factory=list)
     ratios: Dict[str, float] = field(default_factory=dict)
+    least: Dict[str, float] = field(default_factory=dict)  # the smallest of the per-caption ratios
+    most: Dict[str, float] = field(default_factory=dict)  # the largest of them
 
 
 @torch.no_grad()
@@ -76,7 +78,11 @@ def _predict(backend, x_t, t, cond, batch: int = 8) -> torch.Tensor:
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).pow(2).flatten(1).mean(1).mean().item()
+    return _per_row(a, b).mean().item()
+
+
+def _per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).flatten(1).mean(1)
 
 
 def caption_words(captions: List[str], concept: str) -> set:
@@ -105,11 +111,14 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
     named = [c for _, c in pick]
     named_pred = _predict(backend, x_t, t, backend.encode_text(named))
     removed_cond = backend.encode_text([without(c, pattern) for c in named])
-    removed = _distance(named_pred, _predict(backend, x_t, t, removed_cond))
+    removed_rows = _per_row(named_pred, _predict(backend, x_t, t, removed_cond))
+    removed = removed_rows.mean().item()
     out = Vicinity()
     for w in candidates:
-        swapped = _predict(backend, x_t, t, backend.encode_text([pattern.sub(w, c) for c in named]))
-        out.ratios[w] = _distance(named_pred, swapped) / max(removed, 1e-12)
+        swapped = _per_row(named_pred, _predict(backend, x_t, t, backend.encode_text([pattern.sub(w, c) for c in named])))
+        out.ratios[w] = swapped.mean().item() / max(removed, 1e-12)
+        per_caption = swapped / removed_rows.clamp_min(1e-12)
+        out.least[w], out.most[w] = per_caption.min().item(), per_caption.max().item()
         (out.synonyms if out.ratios[w] < SYNONYM_RATIO else out.neighbours).append(w)
     return out
 

@@ -7,6 +7,8 @@ The phases of a run, each a function below:
    each forget row's plasticity bound);
 3. `_optimise`: the training loop, the same for every objective;
 4. the result: the LoRA's kohya state dict and the run's metadata.
+A VDU run whose concept is one word of the text encoder, met in context, trains the text encoder's deltas
+(text_remap.py: the concept's word read as its destination's in every context); others train the UNet's.
 Nothing is written to disk here except the Fisher cache; `UnlearnResult.save` writes the LoRA.
 """
 
@@ -22,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import __version__
+from . import __version__, text_remap
 from .backend import Backend, cond_index
 from .config import UnlearnConfig
 from .data import ForgetSet
@@ -34,6 +36,7 @@ from .memory import autocast_dtype, checkpointed, modules_on, split, temporarily
 from .destination import Destination, nearest_neighbour, note as destination_note, plan
 from .neighbours import Vicinity, caption_words, classify, nearest_words, without, word_pattern
 from .objectives import REGISTRY
+from .text_remap import TextVDU
 from .pools import PredictionPool, encoded_per_row
 from .prior import (PriorEnergy, cached_fisher, diagonal_fisher, ensemble_prior,
                     fisher_cache_path, fisher_prior, isotropic_prior)
@@ -224,7 +227,11 @@ class Run:
         self.vicinity = self._find_vicinity()
         self._caption_variants()
         self.timings["encode"] = time.perf_counter() - t0
-        self.targets = select_targets(self.backend.targets(), self.cfg.layers, self.cfg.train_text_encoder)
+        self.text_plan = self._text_plan()
+        if self.in_text:
+            self.targets = [t for t in self.backend.targets() if t.component != "unet"]
+        else:
+            self.targets = select_targets(self.backend.targets(), self.cfg.layers, self.cfg.train_text_encoder)
         if not self.targets:
             raise VDUError(f"layer preset {self.cfg.layers!r} matches no layer of this model; choose --layers all")
         self.network = LoRANetwork(self.targets, self.cfg.rank, self.cfg.alpha, self.cfg.variational,
@@ -232,6 +239,21 @@ class Run:
         self.image_prompts = fisher_image_prompts(self.cfg, self.captions, self.vicinity.neighbours,
                                                   self.vicinity.synonyms, sorted(self.prefixes))
         return self
+
+    def _text_plan(self) -> Optional[text_remap.TextPlan]:
+        """Where the concept goes in the text encoder (text_remap.py); None when the run does not ask."""
+        cfg = self.cfg
+        if cfg.objective != "vdu" or not cfg.text_destination or cfg.train_text_encoder or not cfg.concept.strip():
+            return None
+        t0 = time.perf_counter()
+        found = text_remap.plan(self)
+        self.timings["text_plan"] = time.perf_counter() - t0
+        return found
+
+    @property
+    def in_text(self) -> bool:
+        """Whether this run trains the concept's destination into the text encoder (not the UNet)."""
+        return self.text_plan is not None and self.text_plan.destination is not None
 
     def _find_vicinity(self) -> Vicinity:
         """The concept's synonyms (forgotten with it) and neighbours (held), from the words nearest
@@ -331,7 +353,7 @@ def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet]
         if cfg.objective == "uce":
             return _closed_form(run)
         t0 = time.perf_counter()
-        objective = REGISTRY[cfg.objective](run)                            # phase 2
+        objective = (TextVDU if run.in_text else REGISTRY[cfg.objective])(run)  # phase 2
         run.timings["prepare"] = time.perf_counter() - t0
         history = _optimise(run, objective, progress, should_stop)          # phase 3
         net = run.network
@@ -341,15 +363,16 @@ def unlearn(backend: Backend, config: UnlearnConfig, forget: Optional[ForgetSet]
 
 
 @contextmanager
-def _memory_savers(backend: Backend, cfg: UnlearnConfig):
-    """Gradient checkpointing and encoder offload for the training loop, undone after it."""
+def _memory_savers(backend: Backend, cfg: UnlearnConfig, text: bool = False):
+    """Gradient checkpointing and encoder offload for the training loop, undone after it (`text`: the loop
+    trains the text encoder, which stays where it is)."""
     with ExitStack() as stack:
         if cfg.gradient_checkpointing:
             blocks = backend.checkpoint_blocks()
             if not blocks:
                 raise VDUError("this model has no blocks gradient checkpointing knows; drop --gradient-checkpointing")
             stack.enter_context(checkpointed(blocks))
-        if cfg.offload_encoders and backend.device.type != "cpu":
+        if cfg.offload_encoders and not text and backend.device.type != "cpu":
             stack.enter_context(modules_on(backend.encoder_modules(), "cpu"))
         yield
 
@@ -372,9 +395,10 @@ def _optimise(run: Run, objective, progress, should_stop) -> List[Dict[str, floa
     names = ("loss",) + objective.reported
     mine = split(cfg.batch_size, workers.world)[workers.rank]
     history, ema = [], {}
+    steps = getattr(objective, "steps", cfg.steps)  # the text encoder's run has its own budget (--text-steps)
     t0 = time.perf_counter()
-    with run.network.attached(), _memory_savers(run.backend, cfg):
-        for step in range(cfg.steps):
+    with run.network.attached(), _memory_savers(run.backend, cfg, run.in_text):
+        for step in range(steps):
             batch = objective.draw(g)
             run.network.train()
             run.network.resample()
@@ -395,7 +419,7 @@ def _optimise(run: Run, objective, progress, should_stop) -> List[Dict[str, floa
             ema = terms if step == 0 else {k: 0.9 * ema[k] + 0.1 * v for k, v in terms.items()}
             history.append({"step": step + 1, **{k: (ema[k] if k == "bounded" else v) for k, v in terms.items()}})
             if progress and workers.is_main:
-                progress(step + 1, cfg.steps, history[-1])
+                progress(step + 1, steps, history[-1])
             if should_stop is not None and workers.main_says(should_stop() if workers.is_main else False):
                 break
             if step >= 10 and objective.should_stop(ema):
@@ -419,6 +443,17 @@ def _closed_form(run: Run) -> UnlearnResult:
     worst = max(result.truncation_error.values(), default=0.0)
     meta = {**_metadata(run, 0), "vdu_uce_truncation_error_max": f"{worst:.4g}"}
     return UnlearnResult(result.network.kohya_state_dict(), meta, [], run.timings, result.network)
+
+
+def _text_note(run: Run) -> str:
+    """Whether the text encoder carries the destination, and how closely (text_remap.py)."""
+    plan = getattr(run, "text_plan", None)
+    if plan is None:
+        return "off"
+    if plan.destination is None:
+        return plan.why
+    return (f"{', '.join(plan.words)} read as {plan.destination!r} ({plan.why}); "
+            f"{text_remap.gap_left(run):.2%} of the gap left on the captions")
 
 
 def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
@@ -446,6 +481,8 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_destination": str(cfg.destination),
         "vdu_destination_used": destination_note(run.destination, run.cfg.destination),
         "vdu_plasticity": str(cfg.plasticity),
+        "vdu_text_destination": _text_note(run),
+        "vdu_text_steps": str(cfg.text_steps),
         "vdu_synonyms_found": ", ".join(run.vicinity.synonyms),
         "vdu_neighbours_held": ", ".join(run.vicinity.neighbours),
         "vdu_layers": cfg.layers,
