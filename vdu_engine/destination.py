@@ -39,6 +39,7 @@ A user's anchor replaces all of these.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -104,10 +105,16 @@ def plan(run) -> Optional[Destination]:
     return dest
 
 
+def _frozen(run):
+    """The frozen model: the run's LoRA off (before the run has one, nothing is attached)."""
+    network = getattr(run, "network", None)
+    return network.disabled() if network is not None else nullcontext()
+
+
 def _draw(run, sources: List[int], mode: str) -> Destination:
     """The frozen model's images for the sources' destination prompts."""
     prompts = destination_prompts(run, sources, mode)
-    with torch.no_grad(), run.network.disabled():
+    with torch.no_grad(), _frozen(run):
         latents = ddim_latents(run.backend, prompts, run.cfg.seed + 20_000, run.cfg.sample_steps, run.cfg.guidance,
                                run.resolution)
     return Destination(latents, sources, prompts, mode,
@@ -121,7 +128,7 @@ def _check(run, dest: Destination) -> float:
     picked = [i for i, s in enumerate(dest.sources) if concept.search(run.all_captions[s])]
     if not picked:
         return 0.0
-    with torch.no_grad(), run.network.disabled():
+    with torch.no_grad(), _frozen(run):
         return concept_share(run.backend, dest.latents[picked], [run.all_captions[dest.sources[i]] for i in picked],
                              run.cfg.concept.strip(), nearest_neighbour(run.vicinity), run.cfg.seed)
 

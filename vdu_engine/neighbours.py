@@ -115,7 +115,8 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
     removed = removed_rows.mean().item()
     out = Vicinity()
     for w in candidates:
-        swapped = _per_row(named_pred, _predict(backend, x_t, t, backend.encode_text([pattern.sub(w, c) for c in named])))
+        swapped_cond = backend.encode_text([pattern.sub(w, c) for c in named])
+        swapped = _per_row(named_pred, _predict(backend, x_t, t, swapped_cond))
         out.ratios[w] = swapped.mean().item() / max(removed, 1e-12)
         per_caption = swapped / removed_rows.clamp_min(1e-12)
         out.least[w], out.most[w] = per_caption.min().item(), per_caption.max().item()

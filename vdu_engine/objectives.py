@@ -56,6 +56,8 @@ def vdu_loss(stability: torch.Tensor, err: torch.Tensor, bound: torch.Tensor, de
       caption c naming the concept is pulled to ε_dest = ε*(x^d_t, c_d) − η (ε*(x^d_t, c) − ε*(x^d_t, c_d)),
       the destination prompt's prediction guided away from the concept. The inducer alone drives the
       forget prompts to noise; with a destination they draw the rest of what they ask for.
+    The same function trains the text encoder's deltas where the run puts the destination there
+    (text_remap.TextVDU): the encoder's output in place of ε, random word sequences in place of images, λ = 0.
     """
     forget = destination - plasticity * torch.minimum(err, bound)
     return gamma * stability + (1 - gamma) * n_forget * forget.mean()

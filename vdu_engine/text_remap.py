@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import destination
 from .neighbours import SYNONYM_RATIO, caption_words, classify, nearest_words, word_pattern
 from .objectives import vdu_loss
 from .prior import isotropic_prior
@@ -84,13 +85,17 @@ def plan(run) -> TextPlan:
         found = classify(backend, run.latents, run.captions, concept, candidates, cfg.seed)
     if not found.neighbours:
         return TextPlan(None, [], "off: no word near the concept is drawn differently from it")
-    best = max(found.neighbours, key=lambda w: found.least[w])
     # Read as the destination: the synonyms that are the concept to the model in every caption, not only on the
     # whole (the unseen mini model's square, a synonym by its mean ratio 0.18 for one seed, is a shape of its own).
     remapped = [concept, *[w for w in found.synonyms if found.most[w] < SYNONYM_RATIO]]
+    near = nearest_words(backend, concept, CANDIDATES, remapped)
+    usual = destination.plan(run)  # the UNet's destination: c⁻, or the nearest neighbour where c⁻ draws the concept
+    if usual is not None and usual.mode == "neighbours":
+        return TextPlan(usual.neighbour, remapped, f"the nearest neighbour: without its word the model still draws "
+                                                   f"the concept ({usual.share:.0%} of the checked images)", near)
+    best = max(found.neighbours, key=lambda w: found.least[w])
     return TextPlan(best, remapped, f"of the words near it, the one that moves every caption furthest from it: "
-                                    f"{found.least[best]:.2f} × the concept's removal at the least",
-                    nearest_words(backend, concept, CANDIDATES, remapped))
+                                    f"{found.least[best]:.2f} × the concept's removal at the least", near)
 
 
 def sequences(g: torch.Generator, context: List[str], inserted: List[str], n: int, longest: int) -> List[List[str]]:
@@ -117,8 +122,8 @@ class TextVDU:
         L(φ) = γ · S(φ)  +  (1 − γ) · N · w_d · E_s ‖E_φ(s) − E*(s_d)‖²
 
     s a random word sequence holding the concept, s_d the same with the destination word in its place, and
-    S(φ) = Σ φ² / (2σ²) + replay · N · E_s' ‖E_φ(s') − E*(s')‖² over sequences s' holding a word near it instead: the paper's Gaussian
-    prior (isotropic, centred on the frozen encoder) and its quadratic form on what must not change. The plasticity
+    S(φ) = Σ φ² / (2σ²) + replay · N · E_s' ‖E_φ(s') − E*(s')‖² over sequences s' holding a word near it
+    instead: the paper's Gaussian prior (isotropic, centred on the frozen encoder) and its quadratic form on what must not change. The plasticity
     inducer has no term here (λ = 0): an encoding has no likelihood to lower, and pushing it away from where it
     was, in no particular direction, moved the words beside it (the unseen mini model's squares: retain 40.5 %
     against 47.9; docs/quality/tuning.md, "Stop 41"). The destination term alone moves it."""
