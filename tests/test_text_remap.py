@@ -30,7 +30,8 @@ def _run(backend, captions, **cfg):
                            latents=torch.zeros(len(captions), 3, 2, 2), vicinity=Vicinity(), timings={})
 
 
-def test_the_destination_is_the_word_whose_swap_moves_the_prediction_furthest_from_the_concept():
+def test_the_destination_is_the_word_whose_swap_moves_the_prediction_furthest_from_the_concept(monkeypatch):
+    monkeypatch.setattr(text_remap.destination, "plan", lambda run: None)  # the UNet's destination: c⁻ (no word)
     run = _run(PromptModelWithText(), ["a red circle"] * 4, concept="red")
     destination, words, why = (lambda p: (p.destination, p.words, p.why))(text_remap.plan(run))
     # By hand (ε = the sum of the words' vectors): removing red moves it by |red|² = 1 (per element: 1/3);
@@ -41,6 +42,17 @@ def test_the_destination_is_the_word_whose_swap_moves_the_prediction_furthest_fr
     assert max(ratios, key=ratios.get) == destination == "blue"
     assert words == ["red", "crimson"]  # the synonym is read as the destination too
     assert f"{ratios['blue']:.2f}" in why
+    assert set(run_near := text_remap.plan(run).near) >= {"blue", "orange"} and "red" not in run_near  # held
+
+
+def test_where_the_unets_destination_is_the_nearest_neighbour_the_text_encoder_takes_it_too(monkeypatch):
+    """The mini model draws "a large circle" red, so red's destination is its nearest neighbour, orange: a
+    word, which the remap can read red as (blue would move red prompts further but draws small shapes worse)."""
+    from vdu_engine.destination import Destination
+    usual = Destination(torch.zeros(1), [0], ["a orange circle"], "neighbours", share=0.8, neighbour="orange")
+    monkeypatch.setattr(text_remap.destination, "plan", lambda run: usual)
+    got = text_remap.plan(_run(PromptModelWithText(), ["a red circle"] * 4, concept="red"))
+    assert got.destination == "orange" and "nearest neighbour" in got.why and "80%" in got.why
 
 
 def test_the_anchor_is_the_destination_when_it_is_one_word_and_no_remap_otherwise():

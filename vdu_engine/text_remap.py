@@ -12,16 +12,18 @@ one, so it learns the word: on the mini models about 1 % of the way from a capti
 caption naming d is left, on captions it never saw. This is Concept Ablation's anchor (Kumari et al., ICCV 2023)
 learned in the encoder, where AdvUnlearn (Zhang et al., NeurIPS 2024) also erases.
 
-The destination word d: the user's anchor when it is one word. Otherwise the frozen model chooses, among the
-words nearest to the concept, by what it predicts on the concept's own noisy images (`neighbours.classify`):
-for each caption, how far swapping the word in moves the prediction from the concept's, relative to taking the
-concept out, and d is the word whose smallest such ratio is largest, the one that moves *every* caption away
-from the concept. A word of the concept's kind that the model draws as something else does (circle → triangle,
-red → blue: 1.2-3.8 × the removal at the least, on the mini models). A word the model draws like the concept does
-not (the mini model's squares, drawn round: 0.1 at the least), nor a word of another kind, which some caption
-shrugs off ("a small orange yellow" beside "a small orange circle": 0.2-0.9). The question needs the concept in
-context: captions that hold nothing but the concept say nothing about which words share its place, so such runs
-(and concepts of several words, without a one-word anchor) train the UNet as before.
+The destination word d: the user's anchor when it is one word; else the UNet's destination where that is a word
+(destination.py: the nearest neighbour, where the caption without the concept still draws it, as the mini model
+draws "a large circle" red). Where the UNet's destination is c⁻, which no word remap can express, the frozen
+model chooses among the words nearest to the concept by what it predicts on the concept's own noisy images
+(`neighbours.classify`): for each caption, how far swapping the word in moves the prediction from the concept's,
+relative to taking the concept out, and d is the word whose smallest such ratio is largest, the one that moves
+*every* caption away from the concept. A word of the concept's kind that the model draws as something else does
+(circle → triangle: 1.2-2.6 × the removal at the least, on the mini models). A word the model draws like the
+concept does not (the mini model's squares, drawn round: 0.1 at the least), nor a word of another kind, which
+some caption shrugs off ("a large orange yellow" beside "a large orange circle": 0.2-0.9). The question needs the
+concept in context: captions that hold nothing but the concept say nothing about which words share its place, so
+such runs (and concepts of several words, without a one-word anchor) train the UNet as before.
 """
 
 from __future__ import annotations
