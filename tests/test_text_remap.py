@@ -53,6 +53,10 @@ def test_where_the_unets_destination_is_the_nearest_neighbour_the_text_encoder_t
     monkeypatch.setattr(text_remap.destination, "plan", lambda run: usual)
     got = text_remap.plan(_run(PromptModelWithText(), ["a red circle"] * 4, concept="red"))
     assert got.destination == "orange" and "nearest neighbour" in got.why and "80%" in got.why
+    asked = Destination(torch.zeros(1), [0], ["a orange circle"], "neighbours", neighbour="orange")  # not checked
+    monkeypatch.setattr(text_remap.destination, "plan", lambda run: asked)  # --destination-mode neighbours
+    got = text_remap.plan(_run(PromptModelWithText(), ["a red circle"] * 4, concept="red"))
+    assert got.destination == "orange" and "%" not in got.why
 
 
 def test_the_anchor_is_the_destination_when_it_is_one_word_and_no_remap_otherwise():

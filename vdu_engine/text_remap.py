@@ -59,45 +59,62 @@ class TextPlan:
 def plan(run) -> TextPlan:
     """The remap a run can do (module docstring), or why it cannot."""
     cfg, backend = run.cfg, run.backend
-    if cfg.destination <= 0:
-        return TextPlan(None, [], "off: the destination's weight is 0 (--destination 0)")
-    vocab = backend.vocabulary()
-    if vocab is None:
-        return TextPlan(None, [], "off: this model's text encoder lists no vocabulary")
-    if not [t for t in backend.targets() if t.component != "unet"]:
-        return TextPlan(None, [], "off: this host exposes no text-encoder layer to adapt yet")
-    words, concept = set(vocab[0]), cfg.concept.strip().lower()
-    if concept not in words:
-        return TextPlan(None, [], f"off: {concept!r} is not one word of the text encoder's vocabulary")
+    concept = cfg.concept.strip().lower()
+    why_not = _why_not(run, concept)
+    if why_not:
+        return TextPlan(None, [], "off: " + why_not)
     if cfg.anchor:
-        anchor = cfg.anchor.strip().lower()
-        if anchor not in words:
-            return TextPlan(None, [], f"off: the anchor {anchor!r} is not one word of the text encoder's vocabulary")
-        remapped = [concept, *run.vicinity.synonyms]
-        return TextPlan(anchor, remapped, "the anchor", nearest_words(backend, concept, CANDIDATES, remapped))
-    if cfg.neighbours <= 0:
-        return TextPlan(None, [], "off: the search for nearby words is off (--neighbours 0) and no anchor is given")
-    named = word_pattern([concept])
-    if all(c.strip().lower() == concept for c in run.captions if named.search(c)):
-        return TextPlan(None, [], "off: the captions hold the concept alone, which says nothing of the words that "
-                                  "share its place; give prompts that use it (--forget-prompts)")
+        remapped = [concept, *_strict_synonyms(run.vicinity)]
+        return TextPlan(cfg.anchor.strip().lower(), remapped, "the anchor",
+                        nearest_words(backend, concept, CANDIDATES, remapped))
     exclude = {k.strip().lower() for k in cfg.keep} | caption_words(run.captions, concept)
     candidates = nearest_words(backend, concept, max(CANDIDATES, cfg.neighbours), exclude)
     with torch.no_grad():
         found = classify(backend, run.latents, run.captions, concept, candidates, cfg.seed)
     if not found.neighbours:
         return TextPlan(None, [], "off: no word near the concept is drawn differently from it")
-    # Read as the destination: the synonyms that are the concept to the model in every caption, not only on the
-    # whole (the unseen mini model's square, a synonym by its mean ratio 0.18 for one seed, is a shape of its own).
-    remapped = [concept, *[w for w in found.synonyms if found.most[w] < SYNONYM_RATIO]]
+    remapped = [concept, *_strict_synonyms(found)]
     near = nearest_words(backend, concept, CANDIDATES, remapped)
     usual = destination.plan(run)  # the UNet's destination: c⁻, or the nearest neighbour where c⁻ draws the concept
     if usual is not None and usual.mode == "neighbours":
-        return TextPlan(usual.neighbour, remapped, f"the nearest neighbour: without its word the model still draws "
-                                                   f"the concept ({usual.share:.0%} of the checked images)", near)
+        checked = "" if usual.share is None else f" ({usual.share:.0%} of the checked images)"
+        return TextPlan(usual.neighbour, remapped, "the nearest neighbour: without its word the model still draws "
+                                                   "the concept" + checked, near)
     best = max(found.neighbours, key=lambda w: found.least[w])
     return TextPlan(best, remapped, f"of the words near it, the one that moves every caption furthest from it: "
                                     f"{found.least[best]:.2f} × the concept's removal at the least", near)
+
+
+def _why_not(run, concept: str) -> str:
+    """Why this run cannot put the destination in the text encoder ("": it can)."""
+    cfg, backend = run.cfg, run.backend
+    if cfg.destination <= 0:
+        return "the destination's weight is 0 (--destination 0)"
+    vocab = backend.vocabulary()
+    if vocab is None:
+        return "this model's text encoder lists no vocabulary"
+    if not [t for t in backend.targets() if t.component != "unet"]:
+        return "this host exposes no text-encoder layer to adapt yet"
+    words = set(vocab[0])
+    if concept not in words:
+        return f"{concept!r} is not one word of the text encoder's vocabulary"
+    if cfg.anchor:
+        anchor = cfg.anchor.strip().lower()
+        return "" if anchor in words else f"the anchor {anchor!r} is not one word of the text encoder's vocabulary"
+    if cfg.neighbours <= 0:
+        return "the search for nearby words is off (--neighbours 0) and no anchor is given"
+    named = word_pattern([concept])
+    if all(c.strip().lower() == concept for c in run.captions if named.search(c)):
+        return ("the captions hold the concept alone, which says nothing of the words that share its place; "
+                "give prompts that use it (--forget-prompts)")
+    return ""
+
+
+def _strict_synonyms(found) -> List[str]:
+    """The synonyms that are the concept to the model in every caption, not only on the whole: those are read as
+    the destination (the unseen mini model's square, a synonym by its mean ratio 0.18 for one seed, is a shape of
+    its own there, and reading it as the destination turned its squares into triangles)."""
+    return [w for w in found.synonyms if found.most.get(w, 0.0) < SYNONYM_RATIO]
 
 
 def sequences(g: torch.Generator, context: List[str], inserted: List[str], n: int, longest: int) -> List[List[str]]:
