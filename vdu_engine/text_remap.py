@@ -142,10 +142,10 @@ class TextVDU:
 
     s a random word sequence holding the concept, s_d the same with the destination word in its place, and
     S(φ) = Σ φ² / (2σ²) + replay · N · E_s' ‖E_φ(s') − E*(s')‖² over sequences s' holding a word near it
-    instead: the paper's Gaussian prior (isotropic, centred on the frozen encoder) and its quadratic form on what must not change. The plasticity
-    inducer has no term here (λ = 0): an encoding has no likelihood to lower, and pushing it away from where it
-    was, in no particular direction, moved the words beside it (the unseen mini model's squares: retain 40.5 %
-    against 47.9; docs/quality/tuning.md, "Stop 41"). The destination term alone moves it."""
+    instead: the paper's Gaussian prior (isotropic, centred on the frozen encoder) and its quadratic form on
+    what must not change. The plasticity inducer has no term here (λ = 0): an encoding has no likelihood to
+    lower, and pushing it away from where it was, in no particular direction, moved the words beside it (the
+    unseen mini model's squares: retain 40.5 %; docs/quality/tuning.md, "Stop 41"). The destination moves it."""
 
     reported = ("stability", "destination", "drift")
 
