@@ -156,7 +156,8 @@ def test_vae_roundtrip_and_sweep_side_runs(tmp_path, capsys):
     from vdu_engine import DiffusersBackend
     kept = vae_roundtrip(DiffusersBackend.load(MODEL_DIR, device="cpu"), Evaluator(EVALUATOR_DIR), 64)
     assert set(kept) == set(dataset.SHAPES) and kept["circle"] >= 0.8 and kept["ellipse"] >= 0.8
-    sweep.main(["--samples", "8", "--images", "8", "--cache", str(tmp_path), "--colours", "base", '{"steps": 2, "text_steps": 2}'])
+    sweep.main(["--samples", "8", "--images", "8", "--cache", str(tmp_path), "--colours", "base",
+                '{"steps": 2, "text_steps": 2}'])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "forget_rate=" in ln]
     assert len(lines) == 2 and lines[0].startswith("base") and "steps=2" in lines[1]
     assert "neighbour_colours={'orange': 8}" in lines[0]  # the original draws every orange prompt orange
