@@ -192,8 +192,8 @@ class TextVDU:
 
 @torch.no_grad()
 def gap_left(run) -> float:
-    """On the run's captions naming the concept: ‖E_φ(c) − E*(c_d)‖² / ‖E*(c) − E*(c_d)‖², the share of the way
-    from the caption to its destination's version that the remap did not go (0: it reads exactly as d)."""
+    """On the run's captions naming the concept: ‖E_φ(c) − E*(c_d)‖² / ‖E*(c) − E*(c_d)‖², the share of
+    the way from the caption to its destination's version that the remap did not go (0: it reads as d)."""
     p = run.text_plan
     named = word_pattern(p.words)
     captions = sorted({c for c in run.captions if named.search(c)})
