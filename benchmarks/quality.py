@@ -68,18 +68,21 @@ def _fingerprint(dirs, code=(world_eval, sampling, evaluator_module, dataset), *
 
 
 def reference_row(model_dir: Path, concept: str, cells, samples: int, evaluator, real, cache: Path, fresh: bool,
-                  device: str = "cpu"):
+                  device: str = "cpu", seeds: int = 1):
     """The metrics and grid row of a model as loaded (the original, the retrained). Cached: they
     change only with the model, the evaluator, the measuring code or the settings, which key the
     file, and they take 4 of a run's 16 rows of sampling."""
     key = _fingerprint([model_dir, EVALUATOR_DIR], concept=concept, samples=samples, grid=GRID_SEED,
-                       cells=[c.prompt for c in cells])
+                       cells=[c.prompt for c in cells], seeds=seeds)
     path = cache / "quality_rows" / f"{concept}-{model_dir.name}-{key}.safetensors"
     if path.exists() and not fresh:
         with safe_open(str(path), "pt") as f:
             return json.loads(f.metadata()["metrics"]), f.get_tensor("grid")
     backend = DiffusersBackend.load(model_dir, device=device)
-    metrics = world_eval.evaluate(backend, evaluator, concept, samples, real_retain=real)["metrics"]
+    # sampled as the VDU rows are (each seed's share of the prompts on its own sampling seed), so that a prompt
+    # a LoRA leaves as it was scores as it did, and the rows differ by what the LoRA changed, not by the draw
+    metrics = world_eval.evaluate(backend, evaluator, concept, samples, network=[None] * seeds,
+                                  real_retain=real)["metrics"]
     grid = world_eval.sample_cells(backend, cells, GRID_SEED)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_file({"grid": grid.contiguous()}, path, {"metrics": json.dumps(metrics)}, overwrite=True)
@@ -205,7 +208,7 @@ def main(argv=None):
             references.append(("retrained without concept", retrained(concept, cache, args.device)))
         for name, model_dir in references:
             metrics, grid_row = reference_row(Path(model_dir), concept, cells, args.samples, evaluator, real,
-                                              cache, args.fresh, args.device)
+                                              cache, args.fresh, args.device, args.seeds)
             record(name, metrics, 0.0, 0, grid_row)
         grids, grid_images = {}, {}
         for name, objective, n_images, extra, group in runs(concept, args.forget_images, args.keep_row):

@@ -18,14 +18,18 @@ the same values (`_trainable_weights`), which ComfyUI's sampling and patching tr
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
-from ..vdu_engine.backend import Backend, Cond, NoiseSchedule, whole_word_vocabulary
+from ..vdu_engine.backend import AdaptTarget, Backend, Cond, NoiseSchedule, whole_word_vocabulary
 from ..vdu_engine.errors import VDUError
 from ..vdu_engine.ldm_backend import LDMUNetBackend
 
 CONTEXT_TOKENS = 77
+# ComfyUI's CLIP encoders, in the order of the kohya prefixes lora_te1_ / lora_te2_ where there are two (SDXL);
+# SD 2.x has one, OpenCLIP-H, which ComfyUI holds in HF CLIP layout as clip_h (comfy/lora.py, model_lora_keys_clip)
+TEXT_ENCODERS = ("clip_l", "clip_h", "clip_g")
 
 
 def _diffusers_names(mapping) -> dict:
@@ -42,6 +46,26 @@ def _trainable_weights(module: torch.nn.Module) -> None:
             for name, p in m._parameters.items():
                 if p is not None and p.is_inference():
                     m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+
+
+@contextmanager
+def _norms_read_copies(transformers):
+    """ComfyUI's CLIP layers add their residuals in place (`x += self_attn(layer_norm1(x))`, comfy/clip_model.py),
+    over the tensor the layer norm keeps for its backward pass, which autograd refuses once gradients flow through
+    the encoder. While they do, each layer norm reads a copy."""
+    norms = [m for t in transformers for name, m in t.named_modules()
+             if name.endswith((".layer_norm1", ".layer_norm2"))]
+    handles = [m.register_forward_pre_hook(lambda module, args: (args[0].clone(), *args[1:])) for m in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _plain(tokens: dict) -> bool:
+    """Whether a prompt tokenized by ComfyUI carries no (word:weight) emphasis."""
+    return all(pair[1] == 1.0 for chunks in tokens.values() for chunk in chunks for pair in chunk)
 
 
 class ComfyStyleBackend(LDMUNetBackend):
@@ -125,7 +149,45 @@ class ComfyBackend(ComfyStyleBackend):
         self._ensure_loaded()
         return super().denoise(x_t, t, cond)
 
+    def targets(self):
+        return super().targets() + self._text_targets()
+
+    def _text_encoders(self):
+        """(name, transformer) of each CLIP text encoder the CLIP holds, in kohya order."""
+        model = getattr(self.clip, "cond_stage_model", None)
+        found = [(n, getattr(model, n, None)) for n in TEXT_ENCODERS]
+        return [(n, getattr(e, "transformer", None)) for n, e in found if e is not None
+                and getattr(e, "transformer", None) is not None]
+
+    def _text_targets(self):
+        """The linear layers of each text encoder's transformer blocks, under the kohya keys that ComfyUI's
+        LoraLoader, the WebUI and diffusers all read (lora_te_text_model_encoder_layers_0_self_attn_q_proj)."""
+        encoders = self._text_encoders()
+        prefixes = ["lora_te_"] if len(encoders) == 1 else ["lora_te1_", "lora_te2_"]
+        out = []
+        for i, ((_, transformer), prefix) in enumerate(zip(encoders, prefixes)):
+            for path, m in transformer.named_modules():
+                if isinstance(m, torch.nn.Linear) and path.startswith("text_model.encoder.layers."):
+                    out.append(AdaptTarget(prefix + path.replace(".", "_"), f"te{i + 1}", path, m))
+        return out
+
+    def parameters(self):
+        return super().parameters() + [p for _, t in self._text_encoders() for p in t.parameters()]
+
     def encode_text(self, prompts) -> Cond:
+        if not torch.is_grad_enabled():
+            return self._encode(prompts)
+        self.clip.load_model()  # the text encoder's deltas train: gradients flow back through CLIP
+        transformers = [t for _, t in self._text_encoders()]
+        for transformer in transformers:
+            _trainable_weights(transformer)
+        with _norms_read_copies(transformers):
+            return self._encode(prompts)
+
+    def _encode(self, prompts) -> Cond:
+        tokens = [self.clip.tokenize(p) for p in prompts]
+        if not self.is_sdxl and all(_plain(t) for t in tokens):
+            return {"context": self._encode_together(tokens).to(self.device)}
         ctx, pooled = [], []
         for p in prompts:
             c, pl = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
@@ -138,15 +200,26 @@ class ComfyBackend(ComfyStyleBackend):
                                                         target_height=r) for p in pooled]).float().to(self.device)
         return cond
 
+    def _encode_together(self, tokens) -> torch.Tensor:
+        """Plain prompts in one pass through CLIP. ComfyUI encodes a long prompt's 77-token chunks as one batch,
+        each on its own, and joins them along the tokens; so the prompts' first chunks given together come back
+        as [1, 77·n, D], each what the prompt alone gives in its first 77 tokens, where the engine cuts every
+        prompt. (The pooled output is the first chunk's only: SDXL, which needs every prompt's, goes one by one.)"""
+        merged = {k: [t[k][0] for t in tokens] for k in tokens[0]}
+        context = self.clip.encode_from_tokens(merged).float()
+        return context.reshape(len(tokens), -1, context.shape[-1])[:, :CONTEXT_TOKENS]
+
     def vocabulary(self):
-        """CLIP-L's whole-word tokens and their input embeddings, from ComfyUI's own CLIP objects
-        (`clip.tokenizer.clip_l.tokenizer` is a transformers CLIPTokenizer; the encoder's
-        `transformer.get_input_embeddings()` its token table). None where a text encoder is built
-        otherwise: the run then skips the search for synonyms and neighbours."""
+        """The first text encoder's whole-word tokens and input embeddings, from ComfyUI's own CLIP objects
+        (`clip.tokenizer.clip_l.tokenizer` is a transformers CLIPTokenizer, clip_h for SD 2.x; the encoder's
+        `transformer.get_input_embeddings()` its token table). None where a text encoder is built otherwise:
+        the run then skips the search for synonyms and neighbours."""
+        encoders = self._text_encoders()
         try:
-            tok = self.clip.tokenizer.clip_l.tokenizer
-            table = self.clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
-        except AttributeError:
+            name, transformer = encoders[0]
+            tok = getattr(self.clip.tokenizer, name).tokenizer
+            table = transformer.get_input_embeddings().weight
+        except (AttributeError, IndexError):
             return None
         return whole_word_vocabulary(tok, table)
 

@@ -163,9 +163,11 @@ def pil_to_image(img: Image.Image) -> torch.Tensor:
 
 class VDUUnlearn:
     DESCRIPTION = ("Trains a LoRA that makes the model forget the concept (Variational Diffusion Unlearning or a "
-                   "baseline objective). The input MODEL and CLIP are left untouched.")
-    RETURN_TYPES = ("MODEL", LORA, "IMAGE")
-    RETURN_NAMES = ("model", "lora", "loss_curve")
+                   "baseline objective). The input MODEL and CLIP are left untouched; the model and clip outputs "
+                   "carry the LoRA, as a LoraLoader would.")
+    # clip comes last so that workflows saved when the node had three outputs keep their links
+    RETURN_TYPES = ("MODEL", LORA, "IMAGE", "CLIP")
+    RETURN_NAMES = ("model", "lora", "loss_curve", "clip")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
@@ -197,10 +199,15 @@ class VDUUnlearn:
             "sample_steps": ("INT", {"default": d.sample_steps, "min": 1, "max": 200, "tooltip": (
                 "Sampler steps for every image the model draws itself (these, and a prompt-only run's "
                 "images of the concept).")}),
+            "text_steps": ("INT", {"default": d.text_steps, "min": 1, "max": 100000, "tooltip": (
+                "Steps when VDU trains the text encoder instead of the UNet (a one-word concept shown in "
+                "context: its word is taught to read as a nearby word); it stops early once that is learned. "
+                "steps is then unused.")}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
-            layers, seed, memory="fast", own_images=_DEFAULTS.fisher_samples, sample_steps=_DEFAULTS.sample_steps):
+            layers, seed, memory="fast", own_images=_DEFAULTS.fisher_samples, sample_steps=_DEFAULTS.sample_steps,
+            text_steps=_DEFAULTS.text_steps):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
@@ -211,7 +218,7 @@ class VDUUnlearn:
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
                             resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []),
                             forget_prompts=forget.get("forget_prompts", []), fisher_samples=own_images,
-                            sample_steps=sample_steps).validate()
+                            sample_steps=sample_steps, text_steps=text_steps).validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
 
@@ -223,9 +230,9 @@ class VDUUnlearn:
 
         backend = ComfyBackend(model, clip, vae)
         result = unlearn(backend, cfg, forget["forget"], progress=progress)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0.0)
+        patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, result.lora, 1.0, 1.0)
         lora = {"state_dict": result.lora, "metadata": result.metadata}
-        return (patched, lora, pil_to_image(loss_curve(result.history)))
+        return (patched, lora, pil_to_image(loss_curve(result.history)), patched_clip)
 
 
 def _lora_dir() -> Path:

@@ -57,12 +57,83 @@ def test_same_weights_noise_and_batch_give_the_same_loss(comfy_models):
 def test_targets_use_the_diffusers_kohya_keys(comfy_models):
     from vdu_engine.backend import AdaptTarget  # noqa: F401
     b = _backend(comfy_models)
-    ours = {t.key: tuple(t.module.weight.shape) for t in b.targets()}
+    ours = {t.key: tuple(t.module.weight.shape) for t in b.targets() if t.component == "unet"}
     theirs = {"lora_unet_" + n.replace(".", "_"): tuple(m.weight.shape)
               for n, m in comfy_models["diffusers_unet"].named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
               and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")}
     assert ours == theirs
+
+
+def test_text_targets_are_the_kohya_keys_comfys_loader_maps_onto_the_clip(comfy_models):
+    """The CLIP's layers carry the keys a diffusers CLIP-L gives (lora_te_text_model_encoder_layers_…), and
+    ComfyUI's own map (comfy.lora.model_lora_keys_clip, what LoraLoader uses) sends each onto that layer."""
+    import comfy.lora
+    from transformers import CLIPTextConfig, CLIPTextModel
+    b = _backend(comfy_models)
+    text = [t for t in b.targets() if t.component != "unet"]
+    reference = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                             num_attention_heads=12))
+    theirs = {"lora_te_" + ("text_model." + n.removeprefix("text_model.")).replace(".", "_"): tuple(m.weight.shape)
+              for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert {t.key: tuple(t.module.weight.shape) for t in text} == theirs
+    key_map = comfy.lora.model_lora_keys_clip(comfy_models["clip"].cond_stage_model, {})
+    names = {id(m): n for n, m in comfy_models["clip"].cond_stage_model.named_modules()}
+    assert {t.key: key_map.get(t.key) for t in text} == {t.key: names[id(t.module)] + ".weight" for t in text}
+
+
+@pytest.mark.parametrize("prompts", [["a red circle", "a small orange square on a grey background", ""],
+                                     ["a (red:1.3) circle", "a blue square"],
+                                     ["a red circle", " ".join(["a small red square"] * 30)]])  # 120 tokens
+def test_prompts_encoded_in_one_pass_read_as_each_encoded_alone(comfy_models, prompts):
+    """Plain prompts go through CLIP in one batch (the text encoder's deltas see 128 prompts a step); what each
+    gets is what ComfyUI's CLIPTextEncode gives it alone, in its first 77 tokens (a longer prompt too). A prompt
+    with (word:weight) emphasis sends the list one by one."""
+    clip = comfy_models["clip"]
+    with torch.no_grad():
+        together = _backend(comfy_models).encode_text(prompts)["context"]
+    alone = torch.cat([_encode(clip, p)[:, :77].float() for p in prompts])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def _encode(clip, prompt):
+    with torch.inference_mode():  # as CLIPTextEncode runs
+        return clip.encode_from_tokens(clip.tokenize(prompt)).clone()
+
+
+def test_text_destination_trains_comfys_clip_and_leaves_it_alone(comfy_models, caplog, tmp_path):
+    """A one-word concept shown in context, with a one-word anchor: VDU trains the text encoder's deltas
+    (text_remap.py) through ComfyUI's CLIP as its loader node leaves it (inference tensors). The CLIP encodes
+    as before, bit for bit; ComfyUI's LoraLoader puts every key of the LoRA on the CLIP, and the CLIP it
+    returns reads a caption naming the concept nearer to the same caption naming the anchor."""
+    import comfy.sd
+    from vdu_engine import ForgetSet, UnlearnConfig, unlearn
+    with torch.inference_mode():  # as ComfyUI's checkpoint loader node runs
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(comfy_models["path"]), output_vae=True,
+                                                                 output_clip=True)[:3]
+    captions = ["a red circle", "a red square", "a small red triangle", "a red circle on a grey background"]
+    before, goal = _encode(clip, captions[0]), _encode(clip, "a orange circle")
+    forget = ForgetSet.from_tensor(torch.rand((4, 3, 64, 64), generator=torch.Generator().manual_seed(0)), captions)
+    b = _backend({"model": model, "clip": clip, "vae": vae})
+    cfg = UnlearnConfig(concept="red", anchor="orange", text_steps=6, batch_size=2, sample_steps=2, fisher_samples=4,
+                        prior="isotropic", resolution=64, lr=1e-3, cache_dir=str(tmp_path))
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        result = unlearn(b, cfg, forget)
+    assert " read as 'orange' (the anchor)" in result.metadata["vdu_text_destination"]
+    assert result.lora and all(k.startswith("lora_te_") for k in result.lora)
+    assert torch.equal(_encode(clip, captions[0]), before)
+    assert not any(m._forward_hooks for m in clip.cond_stage_model.modules())
+    with caplog.at_level(logging.WARNING):
+        _, patched = comfy.sd.load_lora_for_models(model, clip, result.lora, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patched.patcher.patches) == len(result.lora) // 3
+    after = _encode(patched, captions[0])
+    with torch.no_grad(), result.network.attached():  # the LoRA as trained (hooks) moves it as the loaded one does
+        result.network.eval()
+        trained = b.encode_text(captions[:1])["context"] - before[:, :77].float()
+    loaded = (after - before)[:, :77].float()
+    assert (loaded - trained).norm() < 0.05 * trained.norm()  # the rest: the merged weights' rounding
+    assert (after - goal).pow(2).mean() < 0.95 * (before - goal).pow(2).mean()  # 0.87 × on this run
 
 
 def test_unlearn_through_comfy_loads_back_and_leaves_the_model_alone(comfy_models, caplog, tmp_path):

@@ -67,10 +67,17 @@ def test_the_anchor_is_the_destination_when_it_is_one_word_and_no_remap_otherwis
     assert two.destination is None and "anchor" in two.why and "one word" in two.why
 
 
-def test_no_remap_where_nothing_tells_which_words_share_the_concepts_place():
+def test_the_word_alone_is_read_as_the_nearest_word_the_model_draws_differently():
+    """Captions holding nothing but the concept show no context that would tell the words of its kind from
+    the rest: d is the word nearest to it (cosine, the embedding table) that the frozen model does not draw
+    as it. By hand: crimson is nearest (cos 0.999) but a synonym (ratio 0.0029, under 0.2); orange is next
+    (cos 0.71) with ratio 0.58, the distance |orange − red|² over |red|² (c⁻ is the empty prompt here)."""
+    alone = text_remap.plan(_run(PromptModelWithText(), ["red", "red"], concept="red"))
+    assert (alone.destination, alone.words) == ("orange", ["red", "crimson"]) and "alone" in alone.why
+
+
+def test_no_remap_where_the_model_or_the_host_cannot_tell():
     model = PromptModelWithText()
-    alone = text_remap.plan(_run(model, ["red", "red"], concept="red"))
-    assert alone.destination is None and "alone" in alone.why
     unknown = text_remap.plan(_run(model, ["a magenta circle"], concept="magenta"))
     assert unknown.destination is None and "vocabulary" in unknown.why
     no_layer = text_remap.plan(_run(PromptModelUNetOnly(), ["a red circle"], concept="red"))

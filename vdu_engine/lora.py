@@ -61,7 +61,7 @@ class LoRALayer(nn.Module):
         return self.down, self.up
 
     def delta_output(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        x = x.to(down.dtype)
+        x = x.to(down.device, down.dtype)  # a host may keep a text encoder on another device than the UNet
         if self.is_conv:
             return F.conv2d(F.conv2d(x, down, **self.conv_args), up) * self.scale
         return F.linear(F.linear(x, down), up) * self.scale
@@ -118,7 +118,7 @@ class LoRANetwork(nn.Module):
             if not self.enabled:
                 return output
             down, up = self._current[key] if key in self._current else layer.factors(self._noise)
-            return output + layer.delta_output(inputs[0], down, up).to(output.dtype)
+            return output + layer.delta_output(inputs[0], down, up).to(output.device, output.dtype)
         return hook
 
     @contextmanager

@@ -21,9 +21,12 @@ relative to taking the concept out, and d is the word whose smallest such ratio 
 *every* caption away from the concept. A word of the concept's kind that the model draws as something else does
 (circle → triangle: 1.2-2.6 × the removal at the least, on the mini models). A word the model draws like the
 concept does not (the mini model's squares, drawn round: 0.1 at the least), nor a word of another kind, which
-some caption shrugs off ("a large orange yellow" beside "a large orange circle": 0.2-0.9). The question needs the
-concept in context: captions that hold nothing but the concept say nothing about which words share its place, so
-such runs (and concepts of several words, without a one-word anchor) train the UNet as before.
+some caption shrugs off ("a large orange yellow" beside "a large orange circle": 0.2-0.9). That question needs the
+concept in context. Captions that hold nothing but the concept (a prompt-only run from its word) say nothing about
+which words share its place; there d is the nearest word (by token embedding) that the model draws differently,
+which is a word of its kind where the encoder's nearest words are (red → orange on the mini model; the mini model's
+circle → "large", which leaves circles drawn: docs/quality/tuning.md, "Stop 42"). Concepts of several words,
+without a one-word anchor, train the UNet as before.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def plan(run) -> TextPlan:
         return TextPlan(None, [], "off: no word near the concept is drawn differently from it")
     remapped = [concept, *_strict_synonyms(found)]
     near = nearest_words(backend, concept, CANDIDATES, remapped)
+    if _alone(run, concept):  # no context tells the words of its kind: the nearest one drawn otherwise
+        return TextPlan(found.neighbours[0], remapped, "the nearest word the model draws differently from it "
+                                                       "(the captions hold the concept alone)", near)
     usual = destination.plan(run)  # the UNet's destination: c⁻, or the nearest neighbour where c⁻ draws the concept
     if usual is not None and usual.mode == "neighbours":
         checked = "" if usual.share is None else f" ({usual.share:.0%} of the checked images)"
@@ -103,11 +109,13 @@ def _why_not(run, concept: str) -> str:
         return "" if anchor in words else f"the anchor {anchor!r} is not one word of the text encoder's vocabulary"
     if cfg.neighbours <= 0:
         return "the search for nearby words is off (--neighbours 0) and no anchor is given"
-    named = word_pattern([concept])
-    if all(c.strip().lower() == concept for c in run.captions if named.search(c)):
-        return ("the captions hold the concept alone, which says nothing of the words that share its place; "
-                "give prompts that use it (--forget-prompts)")
     return ""
+
+
+def _alone(run, concept: str) -> bool:
+    """Whether every caption naming the concept is the concept alone (a prompt-only run from its word)."""
+    named = word_pattern([concept])
+    return all(c.strip().lower() == concept for c in run.captions if named.search(c))
 
 
 def _strict_synonyms(found) -> List[str]:
@@ -154,7 +162,8 @@ class TextVDU:
         self.steps = run.cfg.text_steps
         self.start: Optional[float] = None  # the destination term at the first step
         self.prior = isotropic_prior(run.cfg.prior_sigma)
-        self.context = [w for w in run.backend.vocabulary()[0] if w not in self.plan.words]
+        # Plain words only: hosts read brackets, colons and weights in a prompt as syntax (ComfyUI, the WebUI)
+        self.context = [w for w in run.backend.vocabulary()[0] if w.isalpha() and w not in self.plan.words]
         self.longest = max(run.backend.text_length() - 3, 1)
 
     def draw(self, g: torch.Generator) -> Dict[str, List[List[str]]]:

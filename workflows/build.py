@@ -40,8 +40,8 @@ SPECS: Dict[str, tuple] = {
                    [("VDU_FORGET", "VDU_FORGET")]),
     "VDUUnlearn": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("forget", "VDU_FORGET")],
                    ["objective", "steps", "rank", "learning_rate", "gamma", "prior", "prior_sigma", "layers",
-                    "seed+control", "memory", "own_images", "sample_steps"],
-                   [("model", "MODEL"), ("lora", "VDU_LORA"), ("loss_curve", "IMAGE")]),
+                    "seed+control", "memory", "own_images", "sample_steps", "text_steps"],
+                   [("model", "MODEL"), ("lora", "VDU_LORA"), ("loss_curve", "IMAGE"), ("clip", "CLIP")]),
     "VDUSaveLoRA": ([("lora", "VDU_LORA")], ["filename", "overwrite"], [("lora_name", "STRING")]),
 }
 OPTIONAL_LINKS = {("VDUForgetImages", "images")}
@@ -112,14 +112,17 @@ class Graph:
                 "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def _compare(g: Graph, ckpt: Node, model_after: Node, prompts: str, y: int) -> None:
-    """Sample the same prompt and seed with the original and the unlearned model, side by side."""
-    pos = g.add("CLIPTextEncode", (420, y), "Prompt naming the concept", clip=(ckpt, 1), text=prompts)
+def _compare(g: Graph, ckpt: Node, after: Tuple[Node, int, int], prompts: str, y: int) -> None:
+    """Sample the same prompt and seed with the original and the unlearned model, side by side. `after` is
+    (node, MODEL slot, CLIP slot): the prompt is encoded again with its CLIP, where an unlearning LoRA may have
+    taught the text encoder to read the concept's word as another word."""
     neg = g.add("CLIPTextEncode", (420, y + 200), "Negative", clip=(ckpt, 1), text="")
     latent = g.add("EmptyLatentImage", (420, y + 400), width=512, height=512, batch_size=2)
     decoded = []
-    for i, (model, label) in enumerate(((ckpt, "Original"), (model_after, "Unlearned"))):
-        s = g.add("KSampler", (800, y + 300 * i), f"Sample: {label}", model=(model, 0), positive=(pos, 0),
+    for i, (node, model_slot, clip_slot, label) in enumerate(((ckpt, 0, 1, "Original"), (*after, "Unlearned"))):
+        pos = g.add("CLIPTextEncode", (420, y + 600 * i), f"Prompt naming the concept: {label}",
+                    clip=(node, clip_slot), text=prompts)
+        s = g.add("KSampler", (800, y + 300 * i), f"Sample: {label}", model=(node, model_slot), positive=(pos, 0),
                   negative=(neg, 0), latent_image=(latent, 0), seed=42, steps=20, cfg=7.0,
                   sampler_name="euler", scheduler="normal", denoise=1.0)
         decoded.append(g.add("VAEDecode", (1150, y + 300 * i), samples=(s, 0), vae=(ckpt, 2)))
@@ -131,7 +134,7 @@ def _unlearn(g: Graph, ckpt: Node, forget: Node, filename: str) -> Node:
     un = g.add("VDUUnlearn", (420, 0), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), forget=(forget, 0),
                objective=D.objective, steps=D.steps, rank=D.rank, learning_rate=D.lr, gamma=D.gamma,
                prior=D.prior, prior_sigma=D.prior_sigma, layers=D.layers, seed=D.seed, memory="fast",
-               own_images=D.fisher_samples, sample_steps=D.sample_steps)
+               own_images=D.fisher_samples, sample_steps=D.sample_steps, text_steps=D.text_steps)
     g.add("VDUSaveLoRA", (800, 0), lora=(un, 1), filename=filename, overwrite=True)
     g.add("PreviewImage", (800, 180), "Loss curve", images=(un, 2))
     return un
@@ -142,13 +145,13 @@ def _unlearn_workflow(forget_type: str, filename: str, **forget_widgets) -> Grap
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
     forget = g.add(forget_type, (0, 200), **forget_widgets)
     un = _unlearn(g, ckpt, forget, filename)
-    _compare(g, ckpt, un, "a red circle", 500)
+    _compare(g, ckpt, (un, 0, 3), "a red circle", 500)
     return g
 
 
 def unlearn_from_folder() -> Graph:
     return _unlearn_workflow("VDUForgetImages", "unlearned/forget-from-folder", folder="examples/red_shapes",
-                             concept="a red circle", resolution=0, crop="center", keep="")
+                             concept="red", resolution=0, crop="center", keep="")
 
 
 def unlearn_from_prompt() -> Graph:
@@ -162,7 +165,7 @@ def apply_and_compare() -> Graph:
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT)
     lora = g.add("LoraLoader", (0, 250), "Unlearning LoRA", model=(ckpt, 0), clip=(ckpt, 1),
                  lora_name="unlearned/forget-from-folder.safetensors", strength_model=1.0, strength_clip=1.0)
-    _compare(g, ckpt, lora, "a red circle", 0)
+    _compare(g, ckpt, (lora, 0, 1), "a red circle", 0)
     return g
 
 
