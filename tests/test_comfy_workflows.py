@@ -42,7 +42,7 @@ def shipped(name: str, **changes) -> dict:
 
 
 # The set-up draws the model's own images (32, 20 sampler steps, by default): most of a CPU run's time.
-SMALL_SETUP = {"own_images": 4, "sample_steps": 4}
+SMALL_SETUP = {"own_images": 4, "sample_steps": 4, "text_steps": 2}
 SMALL = {"CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
          "EmptyLatentImage": {"width": 128, "height": 128},
          "KSampler": {"steps": 3},
@@ -63,7 +63,7 @@ def test_pack_loads_and_lists_its_nodes(server):
     assert not failed, server.log()[-3000:]
     info = server.get("/object_info")
     assert NODES <= set(info), sorted(NODES - set(info))
-    assert info["VDUUnlearn"]["output"] == ["MODEL", "VDU_LORA", "IMAGE"]
+    assert info["VDUUnlearn"]["output"] == ["MODEL", "VDU_LORA", "IMAGE", "CLIP"]  # CLIP last: old links hold
 
 
 def test_workflow_widgets_match_the_real_nodes(server):
@@ -103,8 +103,17 @@ def test_unlearn_from_prompt_then_apply_and_compare(server):
 
 
 def test_unlearn_from_folder_runs_as_shipped(server):
-    run_ok(server, shipped("unlearn_from_folder", **SMALL))
-    assert (server.base / "models" / "loras" / "unlearned" / "forget-from-folder.safetensors").exists()
+    """The folder's captions name red in context, so VDU trains the CLIP's layers: the LoRA holds text-encoder
+    keys only, and the "Unlearned" branch, which encodes its prompt with the node's CLIP, draws otherwise."""
+    from safetensors import safe_open
+    entry = run_ok(server, shipped("unlearn_from_folder", **SMALL))
+    with safe_open(str(server.base / "models" / "loras" / "unlearned" / "forget-from-folder.safetensors"), "pt") as f:
+        assert all(k.startswith("lora_te_") for k in f.keys()), sorted(f.keys())[:3]
+        assert "read as" in f.metadata()["vdu_text_destination"], f.metadata()["vdu_text_destination"]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    px = [np.asarray(Image.open(server.base / "output" / i["subfolder"] / i["filename"]), dtype=np.float32)
+          for i in images]
+    assert len(px) == 4 and np.abs(px[0] - px[2]).mean() > 0.5  # original | unlearned, on the same seed
 
 
 def test_kept_concepts_reach_the_lora(server):
