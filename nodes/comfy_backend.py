@@ -189,8 +189,8 @@ class ComfyBackend(ComfyStyleBackend):
         if not self.is_sdxl and all(_plain(t) for t in tokens):
             return {"context": self._encode_together(tokens).to(self.device)}
         ctx, pooled = [], []
-        for p in prompts:
-            c, pl = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
+        for t in tokens:
+            c, pl = self.clip.encode_from_tokens(t, return_pooled=True)
             ctx.append(c[:, :CONTEXT_TOKENS].float())
             pooled.append(pl.float() if pl is not None else None)
         cond = {"context": torch.cat(ctx).to(self.device)}

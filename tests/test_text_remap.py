@@ -19,7 +19,7 @@ class PromptModelWithText(PromptModel):
 
 
 class PromptModelUNetOnly(PromptModel):
-    """A host that exposes only UNet layers (ComfyUI's and the WebUIs' backends today)."""
+    """A host that exposes only UNet layers (the WebUIs' backends today)."""
 
     def targets(self):
         return [AdaptTarget("lora_unet_layer", "unet", "layer", torch.nn.Linear(3, 3))]
