@@ -26,7 +26,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--samples", type=int, default=128, help="samples per prompt set for the numbers")
-    p.add_argument("--steps", type=int, default=UnlearnConfig.steps, help="training steps (fewer: a smoke test)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps, the UNet's or the text encoder's (default: the engine's; fewer: a smoke test)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,8 @@ def main(argv=None):
     print(f"forgetting {CONCEPT!r} from {MODEL_DIR.name} with VDU, from {len(forget)} images of it")
 
     t0 = time.time()
-    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, steps=args.steps, cache_dir=str(out / "cache")), forget,
+    steps = {"steps": args.steps, "text_steps": args.steps} if args.steps else {}
+    result = unlearn(backend, UnlearnConfig(concept=CONCEPT, cache_dir=str(out / "cache"), **steps), forget,
                      progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="",
                                                         flush=True))
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")

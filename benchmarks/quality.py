@@ -155,7 +155,8 @@ def main(argv=None):
     p.add_argument("--concepts", nargs="+", default=["red", "circle"])
     p.add_argument("--samples", type=int, default=256, help="samples per prompt set and model")
     p.add_argument("--forget-images", type=int, nargs="+", default=[8, 32, 128])
-    p.add_argument("--steps", type=int, default=None, help="override every run's steps (quick checks)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override every run's steps, the text encoder's too (quick checks)")
     p.add_argument("--seeds", type=int, default=3,
                    help="training runs per VDU setting (seeds 0..N-1); each cell's samples are split among them")
     p.add_argument("--baseline-seeds", type=int, default=1,
@@ -220,7 +221,7 @@ def main(argv=None):
             for seed in range(seeds):  # one run is one draw: average over training seeds
                 cfg = UnlearnConfig(objective=objective, concept=concept, cache_dir=str(cache), seed=seed, **extra)
                 if args.steps:
-                    cfg.steps = args.steps
+                    cfg.steps = cfg.text_steps = args.steps
                 result = unlearn(base, cfg, forget)
                 networks.append(result.network)
                 steps += len(result.history) / seeds
