@@ -89,7 +89,8 @@ def _run_ours(pack, spec, model, clip, vae, forget):
     node = nodes.VDUUnlearn()
     defaults = nodes._DEFAULTS
     node.run(model, clip, vae, source, "vdu", spec["steps"], spec["rank"], spec["lr"], defaults.gamma,
-             defaults.prior, defaults.prior_sigma, spec["layers"], 0, "fast")
+             defaults.prior, defaults.prior_sigma, spec["layers"], 0, "fast",
+             text_destination=False)  # the UNet's step, which TrainLoraNode's is compared with
     return stamps, peak.mb()
 
 

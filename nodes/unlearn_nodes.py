@@ -203,11 +203,13 @@ class VDUUnlearn:
                 "Steps when VDU trains the text encoder instead of the UNet (a one-word concept shown in "
                 "context: its word is taught to read as a nearby word); it stops early once that is learned. "
                 "steps is then unused.")}),
+            "text_destination": ("BOOLEAN", {"default": d.text_destination, "tooltip": (
+                "Let VDU train the text encoder where it can (above). Off: it always trains the UNet.")}),
         }}
 
     def run(self, model, clip, vae, forget, objective, steps, rank, learning_rate, gamma, prior, prior_sigma,
             layers, seed, memory="fast", own_images=_DEFAULTS.fisher_samples, sample_steps=_DEFAULTS.sample_steps,
-            text_steps=_DEFAULTS.text_steps):
+            text_steps=_DEFAULTS.text_steps, text_destination=_DEFAULTS.text_destination):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
@@ -218,7 +220,8 @@ class VDUUnlearn:
                             prior_sigma=prior_sigma, layers=layers, seed=seed, num_images=forget["num_images"],
                             resolution=forget["resolution"], memory=memory, keep=forget.get("keep", []),
                             forget_prompts=forget.get("forget_prompts", []), fisher_samples=own_images,
-                            sample_steps=sample_steps, text_steps=text_steps).validate()
+                            sample_steps=sample_steps, text_steps=text_steps,
+                            text_destination=text_destination).validate()
         bar = comfy.utils.ProgressBar(steps)
         history = []
 

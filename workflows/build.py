@@ -40,7 +40,7 @@ SPECS: Dict[str, tuple] = {
                    [("VDU_FORGET", "VDU_FORGET")]),
     "VDUUnlearn": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("forget", "VDU_FORGET")],
                    ["objective", "steps", "rank", "learning_rate", "gamma", "prior", "prior_sigma", "layers",
-                    "seed+control", "memory", "own_images", "sample_steps", "text_steps"],
+                    "seed+control", "memory", "own_images", "sample_steps", "text_steps", "text_destination"],
                    [("model", "MODEL"), ("lora", "VDU_LORA"), ("loss_curve", "IMAGE"), ("clip", "CLIP")]),
     "VDUSaveLoRA": ([("lora", "VDU_LORA")], ["filename", "overwrite"], [("lora_name", "STRING")]),
 }
@@ -134,7 +134,8 @@ def _unlearn(g: Graph, ckpt: Node, forget: Node, filename: str) -> Node:
     un = g.add("VDUUnlearn", (420, 0), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), forget=(forget, 0),
                objective=D.objective, steps=D.steps, rank=D.rank, learning_rate=D.lr, gamma=D.gamma,
                prior=D.prior, prior_sigma=D.prior_sigma, layers=D.layers, seed=D.seed, memory="fast",
-               own_images=D.fisher_samples, sample_steps=D.sample_steps, text_steps=D.text_steps)
+               own_images=D.fisher_samples, sample_steps=D.sample_steps, text_steps=D.text_steps,
+               text_destination=D.text_destination)
     g.add("VDUSaveLoRA", (800, 0), lora=(un, 1), filename=filename, overwrite=True)
     g.add("PreviewImage", (800, 180), "Loss curve", images=(un, 2))
     return un
