@@ -170,6 +170,24 @@ class LDMBackend(LDMUNetBackend):
             cond["y"] = c["vector"].float().clone().to(self.device)
         return cond
 
+    def targets(self) -> List[AdaptTarget]:
+        return super().targets() + _text_targets(self._clip_l())
+
+    def parameters(self) -> List[nn.Parameter]:
+        text = self._clip_l()
+        return super().parameters() + (list(text.parameters()) if text is not None else [])
+
+    def _clip_l(self) -> Optional[nn.Module]:
+        """SD 1.x's text encoder, the transformers CLIPTextModel inside A1111's wrapper (`cond_stage_model.wrapped
+        .transformer`), whose layers the engine can adapt. None for SD 2.x and SDXL: their (second) text encoder
+        is OpenCLIP, whose attention is one fused nn.MultiheadAttention, not the q/k/v layers a LoRA's
+        `self_attn_q_proj` keys name, so their runs train the UNet."""
+        if self.is_sdxl:
+            return None
+        enc = self.model.cond_stage_model
+        transformer = getattr(getattr(enc, "wrapped", enc), "transformer", None)
+        return transformer if hasattr(getattr(transformer, "text_model", None), "encoder") else None
+
     def encode_images(self, pixels):
         fs = self.model.first_stage_model
         x = pixels.to(self.device, next(fs.parameters()).dtype)
@@ -195,6 +213,15 @@ class LDMBackend(LDMUNetBackend):
                 table = getattr(table, "weight", None) if hasattr(table, "weight") else table.wrapped.weight
                 return whole_word_vocabulary(tok, table)
         return None
+
+def _text_targets(transformer: Optional[nn.Module]) -> List[AdaptTarget]:
+    """The linear layers of a CLIPTextModel's transformer blocks under their kohya keys
+    (lora_te_text_model_encoder_layers_0_self_attn_q_proj), which A1111's Lora extension, ComfyUI and diffusers read."""
+    if transformer is None:
+        return []
+    return [AdaptTarget("lora_te_" + path.replace(".", "_"), "te1", path, m) for path, m in transformer.named_modules()
+            if isinstance(m, nn.Linear) and path.startswith("text_model.encoder.layers.")]
+
 
 def _schedule(model) -> NoiseSchedule:
     # the original schedule: A1111 may downcast alphas_cumprod for sampling (an option), never for training

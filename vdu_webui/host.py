@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from torch import nn
+
 from ..vdu_engine.errors import VDUError
 from .fixes import WEBUI_FIXES
 
@@ -46,7 +48,8 @@ def current_backend():
 def _refuse_merged_loras(model) -> None:
     """A1111's Lora extension merges the last generation's LoRAs into the weights, lazily, and keeps
     them there until a generation without them: training then would learn on top of them."""
-    for m in model.model.diffusion_model.modules():
+    parts = [model.model.diffusion_model, getattr(model, "cond_stage_model", None)]
+    for m in (m for part in parts if isinstance(part, nn.Module) for m in part.modules()):
         if getattr(m, "network_current_names", ()):
             raise VDUError("a LoRA from the last generation is still merged into the model; "
                            "generate once without <lora:…> in the prompt, then train")

@@ -19,9 +19,9 @@ from ..vdu_engine.memory import MEMORY_PRESETS
 from . import host
 
 _D = UnlearnConfig()
-INPUTS = ("folder", "concept", "keep", "objective", "steps", "rank", "lr", "memory", "seed", "name",
+INPUTS = ("folder", "concept", "anchor", "keep", "objective", "steps", "rank", "lr", "memory", "seed", "name",
           "overwrite", "retained", "resolution", "num_images", "sample_steps", "fisher_samples", "prior",
-          "preview_steps", "forget_prompts")
+          "preview_steps", "forget_prompts", "text_destination", "text_steps")
 
 
 class Interrupted(Exception):
@@ -45,11 +45,13 @@ def _forget_set(folder: str, concept: str):
 
 def _config(p: dict) -> UnlearnConfig:
     return UnlearnConfig(
-        objective=p["objective"], concept=p["concept"].strip(), keep=keep_list(p["keep"]), steps=int(p["steps"]),
+        objective=p["objective"], concept=p["concept"].strip(), anchor=p["anchor"].strip(), keep=keep_list(p["keep"]),
+        steps=int(p["steps"]),
         rank=int(p["rank"]), alpha=float(int(p["rank"])), lr=float(p["lr"]), memory=p["memory"],
         seed=int(p["seed"]), resolution=int(p["resolution"]) or None, num_images=int(p["num_images"]),
         sample_steps=int(p["sample_steps"]), fisher_samples=int(p["fisher_samples"]), prior=p["prior"],
-        forget_prompts=prompt_lines(p["forget_prompts"]),
+        forget_prompts=prompt_lines(p["forget_prompts"]), text_destination=bool(p["text_destination"]),
+        text_steps=int(p["text_steps"]),
     ).validate()
 
 
@@ -140,7 +142,9 @@ def _input_fields(gr) -> dict:
     f = {
         "folder": gr.Textbox(label="Image folder (empty: prompt only)", placeholder="path/to/images"),
         "concept": gr.Textbox(label="Concept", placeholder="a red circle"),
-        "keep": gr.Textbox(label="Keep (comma-separated)", placeholder="orange"),
+        "anchor": gr.Textbox(label="Anchor: what the concept's prompts draw instead (optional)",
+                             placeholder="orange"),
+        "keep": gr.Textbox(label="Keep (comma-separated)", placeholder="purple, yellow"),
     }
     with gr.Row():
         f["objective"] = gr.Dropdown(label="Objective", choices=list(OBJECTIVES), value=_D.objective)
@@ -168,4 +172,8 @@ def _input_fields(gr) -> dict:
         with gr.Row():
             f["sample_steps"] = gr.Number(label="Sampler steps", value=_D.sample_steps, precision=0)
             f["prior"] = gr.Dropdown(label="Prior", choices=["fisher", "isotropic"], value=_D.prior)
+        with gr.Row():
+            f["text_destination"] = gr.Checkbox(label="Teach the text encoder the concept's destination (SD 1.x; "
+                                                      "one-word concepts)", value=_D.text_destination)
+            f["text_steps"] = gr.Number(label="Text-encoder steps (at most)", value=_D.text_steps, precision=0)
     return f

@@ -76,10 +76,10 @@ def registered(blocks, name: str):
 def tab_args(tab_module, **values) -> list:
     """The Train handler's arguments: the task id the tab's JavaScript makes, then every input in
     the tab's order, test-sized (64 px, 2 sampler steps, 2 prior images) unless given."""
-    base = dict(folder="", concept="a red circle", keep="", objective="vdu", steps=3, rank=2, lr=1e-2,
+    base = dict(folder="", concept="a red circle", anchor="", keep="", objective="vdu", steps=3, rank=2, lr=1e-2,
                 memory="fast", seed=0, name="forget-red", overwrite=False, retained="a blue square",
                 resolution=64, num_images=2, sample_steps=2, fisher_samples=2, prior="isotropic",
-                preview_steps=2, forget_prompts="")
+                preview_steps=2, forget_prompts="", text_destination=True, text_steps=2)
     base.update(values)
     return ["task(vdu-test)"] + [base[k] for k in tab_module.INPUTS]
 
