@@ -49,6 +49,22 @@ def test_classify_splits_by_the_ratio_to_removing_the_concept():
     assert v.neighbours == ["orange", "blue"]
 
 
+def test_a_word_the_text_encoder_overflows_on_is_left_out_of_the_vicinity(caplog):
+    """An fp16 text encoder can overflow on some word near the concept (a random CLIP-L in Forge, on "exercise"):
+    that word can be neither held nor forgotten, so it is left out, with a warning, and the rest are classified
+    as before."""
+    class Overflowing(PromptModel):
+        def encode_text(self, prompts):
+            cond = super().encode_text(prompts)
+            cond["context"][[("blue" in p.split()) for p in prompts]] = float("inf")
+            return cond
+    with caplog.at_level("WARNING", logger="vdu_engine"):
+        v = classify(Overflowing(), torch.zeros(4, 3, 2, 2), ["a red circle"] * 4, "red", ["crimson", "orange", "blue"],
+                     seed=0, n=4)
+    assert v.synonyms == ["crimson"] and v.neighbours == ["orange"] and "blue" not in v.ratios
+    assert "'blue'" in caplog.text and "nan/inf" in caplog.text
+
+
 def test_preservation_prompts_take_synonyms_out_and_neighbours_in():
     caps = ["a red circle", "a crimson circle", "a blue square"]
     got = fisher_prompts(UnlearnConfig(concept="red"), caps, neighbours=["orange"], synonyms=["crimson"])

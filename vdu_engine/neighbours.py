@@ -16,6 +16,7 @@ scale of its own: it reads the same on a 64-wide toy encoder and on CLIP-L.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -24,6 +25,8 @@ import torch
 
 from .backend import Backend, cond_index
 from .objectives import denoising_error
+
+log = logging.getLogger("vdu_engine")
 
 # A synonym moves the prediction less than a fifth as far as removing the concept does. On the mini
 # model the two kinds lie far apart (synonyms 0.001-0.004, every other word 0.38 or more), so the
@@ -116,6 +119,11 @@ def classify(backend: Backend, latents: torch.Tensor, captions: List[str], conce
     out = Vicinity()
     for w in candidates:
         swapped_cond = backend.encode_text([pattern.sub(w, c) for c in named])
+        if not all(v.isfinite().all() for v in swapped_cond.values() if v.is_floating_point()):
+            # The text encoder overflows on this word (an fp16 encoder can): it can be neither held nor forgotten,
+            # and a host that normalises a prompt batch as a whole would spread its nan to every prompt beside it.
+            log.warning("left out of the nearby words: %r, which the text encoder encodes as nan/inf", w)
+            continue
         swapped = _per_row(named_pred, _predict(backend, x_t, t, swapped_cond))
         out.ratios[w] = swapped.mean().item() / max(removed, 1e-12)
         per_caption = swapped / removed_rows.clamp_min(1e-12)

@@ -8,3 +8,13 @@ WEBUI_FIXES = {
     "fisher": "restart the WebUI with --no-half, or choose prior isotropic",
     "lr": "lower the learning rate",
 }
+
+# Forge has no --no-half; each part has its own flag (backend/args.py), and it keeps CLIP in fp16 even on the CPU
+# unless told otherwise (--all-in-fp32 does not reach CLIP's dtype there).
+FORGE_FIXES = {
+    **WEBUI_FIXES,
+    "vae": "restart Forge with --vae-in-fp32, or pick a fixed VAE in Settings → VAE",
+    "text_encoder": "restart Forge with --clip-in-fp32",
+    "unet": "restart Forge with --all-in-fp32",
+    "fisher": "restart Forge with --all-in-fp32, or choose prior isotropic",
+}

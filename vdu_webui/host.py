@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..vdu_engine.errors import VDUError
-from .fixes import WEBUI_FIXES
+from .fixes import FORGE_FIXES, WEBUI_FIXES
 
 
 def shared():
@@ -41,7 +41,7 @@ def current_backend():
         from ..vdu_engine.ldm_backend import LDMBackend
         _refuse_merged_loras(model)
         backend = LDMBackend(model)
-    backend.fixes = WEBUI_FIXES
+    backend.fixes = FORGE_FIXES if is_forge() else WEBUI_FIXES
     return backend
 
 
