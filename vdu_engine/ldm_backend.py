@@ -161,8 +161,9 @@ class LDMBackend(LDMUNetBackend):
         self._names = ldm_to_diffusers_names(unet)
         self._hash = None
 
-    def encode_text(self, prompts) -> Cond:
-        c = self._encode(list(prompts))
+    def encode_text(self, prompts, encode: Optional[Callable] = None) -> Cond:
+        """Prompts through `encode` (default: the model's own prompt path)."""
+        c = (encode or self._encode)(list(prompts))
         ctx = (c["crossattn"] if isinstance(c, dict) else c)[:, :CONTEXT_TOKENS]
         # .clone(): a normal tensor even where the WebUI encodes in inference mode
         cond = {"context": ctx.float().clone().to(self.device)}

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nodes.comfy_backend import ComfyStyleBackend
-from ..vdu_engine.backend import whole_word_vocabulary
+from ..nodes.comfy_backend import ComfyStyleBackend, _trainable_weights
+from ..vdu_engine.backend import AdaptTarget, whole_word_vocabulary
 from ..vdu_engine.errors import VDUError
 from ..vdu_engine.ldm_backend import LDMBackend
 
@@ -39,7 +39,43 @@ class ForgeBackend(ComfyStyleBackend):
         self._encode = engine.get_learned_conditioning
         _save_norm_inputs(self.unet)
 
-    encode_text = LDMBackend.encode_text  # same engine API, same truncation and clone
+    def encode_text(self, prompts):
+        """The engine object's own prompt path (same truncation and clone as A1111's). Forge runs it in
+        inference mode, where no gradient flows; while the text encoder's deltas train, the same
+        text-processing engine is called directly, on the checkpoint's own CLIP (no LoRA patched in)."""
+        if not (torch.is_grad_enabled() and self._clip_l() is not None):
+            return LDMBackend.encode_text(self, prompts)
+        from backend import memory_management as mm
+        mm.load_model_gpu(self.engine.forge_objects_original.clip.patcher)
+        return LDMBackend.encode_text(self, prompts, encode=self.engine.text_processing_engine)
+
+    def targets(self):
+        clip_l = self._clip_l()
+        layers = [] if clip_l is None else [(path, m) for path, m in clip_l.named_modules()
+                                           if path.startswith("text_model.encoder.layers.") and self._is_layer(m)]
+        return super().targets() + [AdaptTarget("lora_te_" + path.replace(".", "_"), "te1", path, m)
+                                    for path, m in layers]
+
+    def parameters(self):
+        """The UNet copy's weights and CLIP-L's. Forge loads CLIP-L in inference mode, whose tensors neither take
+        gradients nor let the run freeze and unfreeze them: they are swapped for ordinary tensors of the same
+        values first (as ComfyUI's are), so the run's freezing and the backward pass through CLIP work."""
+        clip_l = self._clip_l()
+        if clip_l is None:
+            return super().parameters()
+        _trainable_weights(clip_l)
+        return super().parameters() + list(clip_l.parameters())
+
+    def _clip_l(self):
+        """SD 1.x's text encoder, the transformers CLIPTextModel inside Forge's CLIP (`clip_l.transformer`), where
+        Forge encodes through one text-processing engine. None for SD 2.x and SDXL (several engines, pooled
+        outputs and Forge's own conditioning dict): their runs train the UNet."""
+        if not getattr(self.engine, "is_sd1", False) or not hasattr(self.engine, "text_processing_engine"):
+            return None
+        return getattr(getattr(self._clip().cond_stage_model, "clip_l", None), "transformer", None)
+
+    def _clip(self):
+        return self.engine.forge_objects_original.clip
 
     def _is_layer(self, m) -> bool:
         """Forge's own Linear (backend/operations.py) is a Module with in/out_features and a 2-D
@@ -55,11 +91,11 @@ class ForgeBackend(ComfyStyleBackend):
         return ((img.float().clone() + 1) / 2).clamp(0, 1)
 
     def vocabulary(self):
-        """CLIP-L's whole words and token table from Forge's CLIP object (a transformers
-        CLIPTokenizer and CLIPTextModel under `clip_l`); None where there is no CLIP-L (SD 2.x)."""
-        clip = self.engine.forge_objects_original.clip
+        """CLIP-L's whole words and token table from Forge's CLIP object (a transformers CLIPTokenizer, and
+        a CLIPTextModel at `clip_l.transformer`); None where there is no CLIP-L (SD 2.x)."""
+        clip = self._clip()
         try:
-            tok, te = clip.tokenizer.clip_l, clip.cond_stage_model.clip_l
+            tok, te = clip.tokenizer.clip_l, clip.cond_stage_model.clip_l.transformer
             return whole_word_vocabulary(tok, te.get_input_embeddings().weight)
         except AttributeError:
             return None

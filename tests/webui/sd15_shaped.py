@@ -40,8 +40,12 @@ def _signal(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _text_encoder():
+    """CLIP-L with random weights. Its biases get signal too: a fresh CLIPTextModel's are zeros, so its final layer
+    norm's output has zero mean, and the WebUIs' emphasis normalisation, z · mean(z) / mean(z · w), then divides
+    0 by 0 for some prompt batches in fp16 (Forge keeps CLIP in fp16 even on the CPU), which a trained CLIP's
+    biases never let happen."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    return CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    return _signal(CLIPTextModel(CLIPTextConfig(**CLIP_L)), seed=1)
 
 
 def _text_sd(text) -> dict:
