@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from lora_keys import ARCHS, committed_keys, kohya_lora, ldm_unet_state_dict, unet_keys
-from webui_harness import (BAD_INPUTS, check_bad_input_refused, check_interrupt_writes_nothing, forget_folder,
-                           install_extension, pack_module, registered, require, tab_args)
+from webui_harness import (BAD_INPUTS, check_bad_input_refused, check_interrupt_writes_nothing,
+                           check_text_lora_merges, forget_folder, install_extension, pack_module, registered, require,
+                           run_red_to_orange, tab_args)
 
 FORGE = require("FORGE_PATH", "gradio")
 ARGS = ["--always-cpu", "--all-in-fp32", "--skip-torch-cuda-test", "--skip-version-check",
@@ -134,28 +135,13 @@ def test_forges_lora_loader_matches_every_key_and_applies_it(webui, tab, capfd):
     assert torch.equal(get_attr(unet, name).detach(), w0)
 
 
-def _encoding(engine, prompt: str) -> torch.Tensor:
-    return engine.get_learned_conditioning([prompt]).float().clone()
-
-
 def test_a_one_word_concept_trains_forges_text_encoder_and_its_lora_loader_applies_it(webui, tab, tmp_path, capfd):
     """A one-word concept with a one-word anchor (the tab's fields): VDU trains deltas on Forge's own CLIP-L
-    (text_remap.py) through Forge's text-processing engine, and leaves its weights as they were. The file holds
-    text-encoder keys only, all of which sd_forge_lora matches; `<lora:…:1>` patches exactly up @ down · alpha/rank
-    into a CLIP layer, and while patched the CLIP reads a caption naming the concept nearer to the same caption
-    naming the anchor; the next generation without it restores the weights."""
-    from backend.utils import load_torch_file
+    (text_remap.py) through Forge's text-processing engine and leaves its weights as they were; sd_forge_lora
+    matches every key of the file, and `<lora:…:1>` applies it (webui_harness.check_text_lora_merges)."""
     engine = webui.shared.sd_model
-    clip_l = engine.forge_objects_original.clip.cond_stage_model.clip_l.transformer
-    before = {k: v.clone() for k, v in clip_l.state_dict().items()}
-    caption, goal = _encoding(engine, "a red circle"), _encoding(engine, "a orange circle")
-    args = tab_args(tab.module, folder=str(forget_folder(tmp_path)), concept="red", anchor="orange", lr=1e-3,
-                    text_steps=4, name="red-to-orange")
-    _, _, message = registered(tab.blocks, "train")(*args)
-    assert "saved" in message, message
-    assert all(torch.equal(before[k], v) for k, v in clip_l.state_dict().items())
-    sd = load_torch_file(str(webui.lora / "red-to-orange.safetensors"), safe_load=True)
-    assert sd and all(k.startswith("lora_te_text_model_encoder_layers_") for k in sd)
+    clip = engine.forge_objects_original.clip.cond_stage_model.clip_l.transformer
+    sd = run_red_to_orange(tab, tmp_path, webui.lora, clip)
     networks = sys.modules["networks"]
     capfd.readouterr()
     networks.load_lora_for_models(engine.forge_objects_original.unet, engine.forge_objects_original.clip, sd,
@@ -163,20 +149,9 @@ def test_a_one_word_concept_trains_forges_text_encoder_and_its_lora_loader_appli
     printed = capfd.readouterr().out
     assert f"with {len(sd) // 3} keys" in printed and "(skipped 0 keys)" in printed, printed
     assert "unmatched" not in printed, printed
-    layer = clip_l.text_model.encoder.layers[0].self_attn.q_proj
-    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    up, down, alpha = sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"], float(sd[f"{key}.alpha"])
-    w0 = layer.weight.detach().clone()
     networks.list_available_networks()
-    txt2img(webui.shared, "a red circle <lora:red-to-orange:1>")
-    ulp = w0.abs().max().item() * torch.finfo(w0.dtype).eps  # one rounding step of the merged weight
-    torch.testing.assert_close((layer.weight.detach() - w0).float(), up.float() @ down.float() * alpha / up.shape[1],
-                               rtol=1e-2, atol=ulp)
-    moved = _encoding(engine, "a red circle")  # the patch stays until the next generation without the LoRA
-    assert (moved - goal).pow(2).mean() < 0.95 * (caption - goal).pow(2).mean()
-    txt2img(webui.shared, "a red circle")
-    assert torch.equal(layer.weight.detach(), w0)
-    assert torch.equal(_encoding(engine, "a red circle"), caption)
+    check_text_lora_merges(sd, clip, lambda prompt: txt2img(webui.shared, prompt),
+                           lambda prompt: engine.get_learned_conditioning([prompt]).float().clone())
 
 
 def test_interrupt_mid_run_writes_nothing(webui, tab, tmp_path):

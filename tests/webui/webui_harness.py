@@ -123,3 +123,44 @@ def check_bad_input_refused(webui, tab, tmp_path, values, words) -> None:
     _, _, message = registered(tab.blocks, "train")(*tab_args(tab.module, **values))
     assert words in message, message
     assert lora_files(webui.lora.parent) == files
+
+
+
+def run_red_to_orange(tab, tmp_path, lora_folder: Path, clip) -> dict:
+    """The tab's run of a one-word concept with a one-word anchor (`red` → `orange`, 4 text-encoder steps at lr
+    1e-3), which trains the text encoder: the file's tensors, after checking that it holds text-encoder keys only
+    and that the run left the CLIP's weights as they were."""
+    import torch
+    from safetensors.torch import load_file
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    args = tab_args(tab.module, folder=str(forget_folder(tmp_path)), concept="red", anchor="orange", lr=1e-3,
+                    text_steps=4, name="red-to-orange")
+    _, _, message = registered(tab.blocks, "train")(*args)
+    assert "saved" in message, message
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
+    sd = load_file(str(lora_folder / "red-to-orange.safetensors"))
+    assert sd and all(k.startswith("lora_te_text_model_encoder_layers_") for k in sd)
+    return sd
+
+
+def check_text_lora_merges(sd: dict, clip, generate, encode) -> None:
+    """`<lora:red-to-orange:1>` in a generation merges exactly up @ down · alpha/rank into the CLIP's first q_proj
+    (to one rounding step of its weight's dtype); while merged, "a red circle" encodes nearer "a orange circle";
+    the next generation without it restores the weights and the encoding bit for bit. `generate(prompt)` runs
+    the WebUI's txt2img, `encode(prompt)` its prompt path."""
+    import torch
+    caption, goal = encode("a red circle"), encode("a orange circle")
+    layer = clip.text_model.encoder.layers[0].self_attn.q_proj
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    up, down, alpha = (sd[f"{key}.lora_up.weight"].float(), sd[f"{key}.lora_down.weight"].float(),
+                       float(sd[f"{key}.alpha"]))
+    w0 = layer.weight.detach().clone()
+    generate("a red circle <lora:red-to-orange:1>")
+    step = w0.abs().max().item() * torch.finfo(w0.dtype).eps  # Forge keeps CLIP in fp16
+    torch.testing.assert_close((layer.weight.detach() - w0).float(), up @ down * alpha / up.shape[1], rtol=1e-2,
+                               atol=max(step, 1e-6))
+    moved = encode("a red circle")  # the merge stays until the next generation without the LoRA
+    assert (moved - goal).pow(2).mean() < 0.95 * (caption - goal).pow(2).mean()
+    generate("a red circle")
+    assert torch.equal(layer.weight.detach(), w0)
+    assert torch.equal(encode("a red circle"), caption)
