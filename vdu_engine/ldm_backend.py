@@ -172,7 +172,7 @@ class LDMBackend(LDMUNetBackend):
         return cond
 
     def targets(self) -> List[AdaptTarget]:
-        return super().targets() + _text_targets(self._clip_l())
+        return super().targets() + text_targets(self._clip_l())
 
     def parameters(self) -> List[nn.Parameter]:
         text = self._clip_l()
@@ -215,13 +215,15 @@ class LDMBackend(LDMUNetBackend):
                 return whole_word_vocabulary(tok, table)
         return None
 
-def _text_targets(transformer: Optional[nn.Module]) -> List[AdaptTarget]:
-    """The linear layers of a CLIPTextModel's transformer blocks under their kohya keys
-    (lora_te_text_model_encoder_layers_0_self_attn_q_proj), which A1111's Lora extension, ComfyUI and diffusers read."""
+
+def text_targets(transformer: Optional[nn.Module], is_layer: Optional[Callable] = None) -> List[AdaptTarget]:
+    """The linear layers (`is_layer`; default nn.Linear) of a CLIPTextModel's transformer blocks under their kohya
+    keys (lora_te_text_model_encoder_layers_0_self_attn_q_proj), which the WebUIs, ComfyUI and diffusers read."""
     if transformer is None:
         return []
+    is_layer = is_layer or (lambda m: isinstance(m, nn.Linear))
     return [AdaptTarget("lora_te_" + path.replace(".", "_"), "te1", path, m) for path, m in transformer.named_modules()
-            if isinstance(m, nn.Linear) and path.startswith("text_model.encoder.layers.")]
+            if is_layer(m) and path.startswith("text_model.encoder.layers.")]
 
 
 def _schedule(model) -> NoiseSchedule:

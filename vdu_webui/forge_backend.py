@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..nodes.comfy_backend import ComfyStyleBackend, _trainable_weights
-from ..vdu_engine.backend import AdaptTarget, whole_word_vocabulary
+from ..vdu_engine.backend import whole_word_vocabulary
 from ..vdu_engine.errors import VDUError
-from ..vdu_engine.ldm_backend import LDMBackend
+from ..vdu_engine.ldm_backend import LDMBackend, text_targets
 
 
 class ForgeBackend(ComfyStyleBackend):
@@ -50,11 +50,7 @@ class ForgeBackend(ComfyStyleBackend):
         return LDMBackend.encode_text(self, prompts, encode=self.engine.text_processing_engine)
 
     def targets(self):
-        clip_l = self._clip_l()
-        layers = [] if clip_l is None else [(path, m) for path, m in clip_l.named_modules()
-                                           if path.startswith("text_model.encoder.layers.") and self._is_layer(m)]
-        return super().targets() + [AdaptTarget("lora_te_" + path.replace(".", "_"), "te1", path, m)
-                                    for path, m in layers]
+        return super().targets() + text_targets(self._clip_l(), self._is_layer)
 
     def parameters(self):
         """The UNet copy's weights and CLIP-L's. Forge loads CLIP-L in inference mode, whose tensors neither take

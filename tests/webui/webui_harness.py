@@ -125,7 +125,6 @@ def check_bad_input_refused(webui, tab, tmp_path, values, words) -> None:
     assert lora_files(webui.lora.parent) == files
 
 
-
 def run_red_to_orange(tab, tmp_path, lora_folder: Path, clip) -> dict:
     """The tab's run of a one-word concept with a one-word anchor (`red` → `orange`, 4 text-encoder steps at lr
     1e-3), which trains the text encoder: the file's tensors, after checking that it holds text-encoder keys only
