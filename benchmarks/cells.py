@@ -41,7 +41,7 @@ def measure(backend, evaluator, concept, set_name, network, seed, reps):
     if set_name == "forget":
         ok = world_eval.content_kept(concept, images, cells, evaluator)
     else:
-        ok = world_eval.correct(shapes, colours, cells)
+        ok = world_eval.accurate(concept, images, shapes, colours, cells)
     return list(zip(cells, ok, shows, colours, shapes))
 
 

@@ -1,10 +1,10 @@
 """Measuring unlearning in the mini world: prompt sets, sampling, and the metrics.
 
-For a concept (a colour or a shape) the prompts fall in four sets: `forget` (naming it),
+For a concept (a colour, a shape or a background) the prompts fall in four sets: `forget` (naming it),
 `synonym` (naming it with another word the model learned), `neighbour` (the nearest other
 concept), and `retain` (everything else). A sample shows the concept when the evaluator sees it
-(colour analytically, shape by the classifier); it is correct when both its shape and colour
-are what its prompt asks for. An erasure that draws nothing also stops a concept from showing, so
+(colour and background analytically, shape by the classifier); it is correct when its shape and
+colour are what its prompt asks for, and for a background concept its background too. An erasure that draws nothing also stops a concept from showing, so
 the forget sets also measure whether the rest of the prompt is still drawn (`content_kept`), and
 every set how many images are blank or noise (`is_blank`, `is_noise`).
 """
@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 from miniworld import dataset
-from miniworld.evaluator import MIN_REGION, Evaluator, classify_colour, colour_area, frechet_distance
+from miniworld.evaluator import (MIN_REGION, Evaluator, classify_background, classify_colour, colour_area,
+                                  frechet_distance)
 from vdu_engine.sampling import ddim_sample
 
 # DDIM 10 measures the same as 20 within sampling noise (`python -m benchmarks.world_eval` with and
@@ -33,22 +34,34 @@ class Cell:
     prompt: str
     shape: str
     colour: str
+    background: str = ""
 
 
-def _cells(shapes, colours, words=None) -> List[Cell]:
+def _cells(shapes, colours, words=None, backgrounds=BACKGROUNDS) -> List[Cell]:
     """Prompt cells for every shape × colour × size × background; `words` renames the concept's
     word in the prompt (synonyms) while keeping the true label."""
     words = words or {}
     out = []
-    for s, c, z, b in itertools.product(shapes, colours, SIZES, BACKGROUNDS):
-        out.append(Cell(dataset.prompt(words.get(s, s), words.get(c, c), z, b), s, c))
+    for s, c, z, b in itertools.product(shapes, colours, SIZES, backgrounds):
+        out.append(Cell(dataset.prompt(words.get(s, s), words.get(c, c), z, words.get(b, b)), s, c, b))
     return out
+
+
+def _kind(concept: str) -> str:
+    return dataset.CONCEPTS[concept]["kind"]
 
 
 def prompt_sets(concept: str) -> Dict[str, List[Cell]]:
     info = dataset.CONCEPTS[concept]
     colours, shapes = list(dataset.COLOURS), list(dataset.SHAPES)
     near = info["neighbours"]
+    if info["kind"] == "background":
+        others = [b for b in BACKGROUNDS if b != concept and b not in near]
+        return {"forget": _cells(shapes, colours, backgrounds=[concept]),
+                "synonym": [cell for w in info["synonyms"]
+                            for cell in _cells(shapes, colours, {concept: w}, backgrounds=[concept])],
+                "neighbour": _cells(shapes, colours, backgrounds=near),
+                "retain": _cells(shapes, colours, backgrounds=others)}
     if info["kind"] == "colour":
         others = [c for c in colours if c != concept and c not in near]
         return {"forget": _cells(shapes, [concept]),
@@ -80,9 +93,12 @@ def sample_cells(backend, cells: List[Cell], seed: int, network=None, steps: Opt
 
 def shows(concept: str, images: torch.Tensor, shapes: List[str]) -> List[bool]:
     """A colour shows if it covers a region of the image (not only if it is the mean hue: a
-    noisy image with a red patch still shows red); a shape if the classifier sees it."""
-    if dataset.CONCEPTS[concept]["kind"] == "colour":
+    noisy image with a red patch still shows red); a shape if the classifier sees it; a background
+    if the image's background is that grey."""
+    if _kind(concept) == "colour":
         return [a >= MIN_REGION for a in colour_area(images, concept)]
+    if _kind(concept) == "background":
+        return [b == concept for b in classify_background(images)]
     return [s == concept for s in shapes]
 
 
@@ -122,9 +138,11 @@ def content_kept(concept: str, images: torch.Tensor, cells: List[Cell], evaluato
     colour should keep the shape, forgetting a shape the colour. A blank or noise image keeps
     nothing (the shape classifier names a shape for any image, blank or not). The classifier
     learned saturated shapes only and does not recognise grey ones: a colour erased to grey
-    counts as content lost."""
-    if dataset.CONCEPTS[concept]["kind"] == "colour":
+    counts as content lost. Forgetting a background should keep both the shape and the colour."""
+    if _kind(concept) == "colour":
         kept = [s == c.shape for s, c in zip(evaluator.classify_shape(images), cells)]
+    elif _kind(concept) == "background":
+        kept = correct(*evaluator.classify(images), cells)
     else:
         kept = [col == c.colour for col, c in zip(classify_colour(images), cells)]
     return [k and not b and not z for k, b, z in zip(kept, is_blank(images), is_noise(images))]
@@ -133,6 +151,16 @@ def content_kept(concept: str, images: torch.Tensor, cells: List[Cell], evaluato
 def correct(shapes: List[str], colours: List[str], cells: List[Cell]) -> List[bool]:
     """Whether each sample's shape and colour are both what its prompt asks for."""
     return [s == c.shape and col == c.colour for s, col, c in zip(shapes, colours, cells)]
+
+
+def accurate(concept: str, images: torch.Tensor, shapes: List[str], colours: List[str],
+             cells: List[Cell]) -> List[bool]:
+    """A neighbour's or retained prompt's sample is right when its shape and colour are; for a
+    background concept its background must be right too, since that is where the concept moves."""
+    right = correct(shapes, colours, cells)
+    if _kind(concept) != "background":
+        return right
+    return [r and b == c.background for r, b, c in zip(right, classify_background(images), cells)]
 
 
 def _sample_split(backend, cells: List[Cell], seed: int, networks) -> tuple:
@@ -161,6 +189,8 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
     sets = prompt_sets(concept)
     result, images = {}, {}
     for name in ("forget", "synonym", "neighbour", "retain"):
+        if not sets[name]:  # a concept with no synonym in the world
+            continue
         cells, imgs = _sample_split(backend, expand(sets[name], n), seed, networks)
         images[name] = imgs
         shapes, colours = evaluator.classify(imgs)
@@ -169,7 +199,7 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
             result[f"{prefix}forget_rate"] = sum(shows(concept, imgs, shapes)) / n
             result[f"{prefix}content_kept"] = sum(content_kept(concept, imgs, cells, evaluator)) / n
         else:
-            result[f"{name}_acc"] = sum(correct(shapes, colours, cells)) / n
+            result[f"{name}_acc"] = sum(accurate(concept, imgs, shapes, colours, cells)) / n
             # the concept drawn for prompts that do not name it: forgotten from its own prompts, moved to others'
             result[f"{name}_shows_concept"] = sum(shows(concept, imgs, shapes)) / n
         result[f"{prefix}blank_share"] = sum(is_blank(imgs)) / n
@@ -179,22 +209,23 @@ def evaluate(backend, evaluator: Evaluator, concept: str, n: int, seed: int = 12
     return {"metrics": result, "images": images}
 
 
+_GENERATE_ARG = {"colour": "colours", "shape": "shapes", "background": "backgrounds"}  # dataset.generate's
+
+
 def real_images(concept: str, n: int, seed: int = 99) -> torch.Tensor:
     """Real dataset images of the retained concepts (the concept and its neighbours left out)."""
     info = dataset.CONCEPTS[concept]
-    key = "colour" if info["kind"] == "colour" else "shape"
-    pool = dataset.COLOURS if key == "colour" else dataset.SHAPES
+    key = _GENERATE_ARG[info["kind"]]
+    pool = {"colours": dataset.COLOURS, "shapes": dataset.SHAPES, "backgrounds": dataset.BACKGROUNDS}[key]
     keep = [x for x in pool if x != concept and x not in info["neighbours"]]
-    samples = dataset.generate(n, seed=seed, **({"colours": keep} if key == "colour" else {"shapes": keep}))
-    return dataset.to_tensor(samples)
+    return dataset.to_tensor(dataset.generate(n, seed=seed, **{key: keep}))
 
 
 def forget_images(concept: str, n: int, seed: int = 7):
     """n real images of the concept with their captions (which sometimes use a synonym)."""
     from vdu_engine import ForgetSet
-    info = dataset.CONCEPTS[concept]
-    kw = {"colours": [concept]} if info["kind"] == "colour" else {"shapes": [concept]}
-    samples = dataset.generate(n, seed=seed, **kw)
+    key = _GENERATE_ARG[_kind(concept)]
+    samples = dataset.generate(n, seed=seed, **{key: [concept]})
     return ForgetSet.from_tensor(dataset.to_tensor(samples), [s.caption for s in samples], channels_last=False)
 
 

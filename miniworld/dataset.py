@@ -27,6 +27,9 @@ SYNONYMS = {"red": ["crimson", "scarlet"], "circle": ["disc"]}
 CONCEPTS = {
     "red": {"kind": "colour", "synonyms": SYNONYMS["red"], "neighbours": ["orange"]},
     "circle": {"kind": "shape", "synonyms": SYNONYMS["circle"], "neighbours": ["ellipse"]},
+    # A third kind: a background is a property of the whole image, as an art style is. The world has no
+    # synonym for one; its neighbour is the nearest grey.
+    "white": {"kind": "background", "synonyms": [], "neighbours": ["grey"]},
 }
 SYNONYM_RATE = 0.25  # share of captions that use a synonym instead of the word itself
 
@@ -81,16 +84,19 @@ def render(shape: str, colour: str, size: str, background: str, rng: np.random.G
 
 
 def generate(n: int, seed: int = 0, exclude: Optional[Dict[str, str]] = None,
-             shapes: Sequence[str] = SHAPES, colours: Sequence[str] = tuple(COLOURS)) -> List[Sample]:
-    """n samples, reproducible from the seed. `exclude={"colour": "red"}` (or "shape") leaves a
-    concept out entirely — for the model retrained without it."""
+             shapes: Sequence[str] = SHAPES, colours: Sequence[str] = tuple(COLOURS),
+             backgrounds: Sequence[str] = tuple(BACKGROUNDS)) -> List[Sample]:
+    """n samples, reproducible from the seed. `exclude={"colour": "red"}` (or "shape", "background")
+    leaves a concept out entirely — for the model retrained without it."""
     rng = np.random.default_rng(seed)
-    shapes = [s for s in shapes if not exclude or exclude.get("shape") != s]
-    colours = [c for c in colours if not exclude or exclude.get("colour") != c]
+    exclude = exclude or {}
+    shapes = [s for s in shapes if exclude.get("shape") != s]
+    colours = [c for c in colours if exclude.get("colour") != c]
+    backgrounds = [b for b in backgrounds if exclude.get("background") != b]
     out = []
     for _ in range(n):
         shape, colour = rng.choice(shapes), rng.choice(colours)
-        size, bg = rng.choice(list(SIZES)), rng.choice(list(BACKGROUNDS))
+        size, bg = rng.choice(list(SIZES)), rng.choice(list(backgrounds))
         out.append(Sample(render(shape, colour, size, bg, rng), caption_for(shape, colour, size, bg, rng),
                           str(shape), str(colour), str(size), str(bg)))
     return out

@@ -2,6 +2,8 @@
 
 Colour: the backgrounds are greys and the shapes saturated, so the shape's pixels are the
 saturated ones and their mean hue names the colour (or "none" if too few are saturated).
+Background: the shape covers under half the image, so the median pixel is background, and its
+brightness names the grey.
 Shape: a CNN trained by `python -m miniworld.train_evaluator` on generated images; its
 penultimate layer is the feature space of the Fréchet distance (u-FID).
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dataset import COLOURS, SHAPES
+from .dataset import BACKGROUNDS, COLOURS, SHAPES
 
 MIN_PIXELS = 6  # fewer saturated pixels than this: no coloured shape to speak of
 MIN_REGION = 20  # pixels of a colour that count as showing it (the smallest shape covers ~75)
@@ -68,6 +70,14 @@ def classify_colour(images: torch.Tensor) -> List[str]:
         h = (torch.atan2(angle.sin().mean(), angle.cos().mean()) / (2 * np.pi)) % 1.0
         out.append(_nearest_colour(float(h)))
     return out
+
+
+def classify_background(images: torch.Tensor) -> List[str]:
+    """images [N, 3, H, W] in [0, 1] → the background of each: the grey nearest to the median pixel's
+    brightness (the largest shape covers about 45 % of the image, so the median pixel is background)."""
+    level = images.detach().mean(1).flatten(1).median(-1).values
+    names, greys = list(BACKGROUNDS), torch.tensor(list(BACKGROUNDS.values()))
+    return [names[i] for i in (level[:, None] - greys).abs().argmin(1).tolist()]
 
 
 class ShapeNet(nn.Module):

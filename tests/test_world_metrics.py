@@ -7,7 +7,7 @@ import torch
 from benchmarks import world_eval
 from benchmarks.world_eval import Cell, content_kept, is_blank, is_noise
 from miniworld import EVALUATOR_DIR, MODEL_DIR, dataset
-from miniworld.evaluator import Evaluator, classify_colour
+from miniworld.evaluator import Evaluator, classify_background, classify_colour
 
 
 def _render(shape, colour, background="grey", seed=0):
@@ -74,6 +74,45 @@ def test_content_kept_of_a_shape_is_the_colour_drawn(evaluator):
                           _desaturated("circle", "red", "black"), _backgrounds(1)[0], _noise(1)[0]])
     cells = [Cell(dataset.prompt("circle", "red"), "circle", "red")] * len(images)
     assert content_kept("circle", images, cells, evaluator) == [True, True, False, False, False, False]
+
+
+def test_background_is_read_from_the_pixels():
+    x = dataset.to_tensor(dataset.generate(600, seed=22))
+    assert classify_background(x) == [s.background for s in dataset.generate(600, seed=22)]
+    # the grey nearest the median pixel, whatever the shape's colour: the largest shape covers under half the image
+    big = [_render(s, c, b) for s, c, b in [("square", "yellow", "black"), ("circle", "blue", "white"),
+                                             ("triangle", "purple", "grey")]]
+    assert classify_background(torch.stack(big)) == ["black", "white", "grey"]
+
+
+def test_forgetting_a_background_keeps_shape_and_colour_and_checks_it_on_the_others(evaluator):
+    """A background concept (white): it shows where the background is white; content kept is the shape and
+    colour asked; the neighbour's and retained prompts are right only on their own background."""
+    cell = Cell(dataset.prompt("circle", "red", background="white"), "circle", "red", "white")
+    images = torch.stack([_render("circle", "red", "white"), _render("circle", "red", "black"),
+                          _render("square", "red", "grey"), _render("circle", "blue", "black"), _backgrounds(1)[0]])
+    assert world_eval.shows("white", images, evaluator.classify_shape(images)) == [True, False, False, False, False]
+    assert content_kept("white", images, [cell] * len(images), evaluator) == [True, True, False, False, False]
+    grey = Cell(dataset.prompt("circle", "red", background="grey"), "circle", "red", "grey")
+    shapes, colours = evaluator.classify(images[:3])
+    assert world_eval.accurate("white", images[:3], shapes, colours, [grey] * 3) == [False, False, False]
+    assert world_eval.accurate("white", images[1:2], shapes[1:2], colours[1:2], [grey]) == [False]
+    right = torch.stack([_render("circle", "red", "grey")])
+    assert world_eval.accurate("white", right, *evaluator.classify(right), [grey]) == [True]
+    # a colour or shape concept's accuracy leaves the background out, as it always has
+    assert world_eval.accurate("red", images[1:2], shapes[1:2], colours[1:2], [grey]) == [True]
+
+
+def test_a_background_concepts_prompt_sets_differ_only_by_background():
+    sets = world_eval.prompt_sets("white")
+    assert sets["synonym"] == []  # the world has no other word for a background
+    assert {c.background for c in sets["forget"]} == {"white"} and all("white background" in c.prompt
+                                                                      for c in sets["forget"])
+    assert {c.background for c in sets["neighbour"]} == {"grey"}
+    assert {c.background for c in sets["retain"]} == {"black"}
+    assert len(sets["forget"]) == len(dataset.SHAPES) * len(dataset.COLOURS) * len(dataset.SIZES)
+    assert {s.background for s in dataset.generate(20, backgrounds=["white"])} == {"white"}
+    assert world_eval.forget_images("white", 8).captions[0].endswith("on a white background")
 
 
 def test_evaluate_reports_content_blank_and_noise_shares(evaluator):
