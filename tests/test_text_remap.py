@@ -101,6 +101,7 @@ def test_a_vdu_run_on_the_text_encoder_reads_the_concept_as_its_destination_in_s
     result = unlearn(backend, cfg)
     assert all(k.startswith("lora_te_") for k in result.lora)  # the UNet is left as it was
     assert result.metadata["vdu_text_destination"].startswith("red read as 'blue' (the anchor)")
+    assert result.metadata["vdu_destination_used"] == "in the text encoder (vdu_text_destination)"
     named, moved, other = "the cat of a red square on the dog", "the cat of a blue square on the dog", "a green cat"
     with torch.no_grad():
         frozen_named, goal, frozen_other = (backend.encode_text([p])["context"] for p in (named, moved, other))
@@ -116,6 +117,7 @@ def test_without_the_text_destination_the_run_trains_the_unet(tiny_sd1, fast_con
     backend = DiffusersBackend.load(tiny_sd1, device="cpu")
     off = unlearn(backend, fast_config(concept="red", anchor="blue", text_destination=False))
     assert all(k.startswith("lora_unet_") for k in off.lora) and off.metadata["vdu_text_destination"] == "off"
+    assert off.metadata["vdu_destination_used"] == "the anchor"
     phrase = unlearn(backend, fast_config())  # "a red circle" is no one word: the UNet carries it
     assert all(k.startswith("lora_unet_") for k in phrase.lora)
     assert "not one word" in phrase.metadata["vdu_text_destination"]

@@ -479,7 +479,8 @@ def _metadata(run: Run, steps_done: int) -> Dict[str, str]:
         "vdu_keep": ", ".join(cfg.keep),
         "vdu_forget_prompts": json.dumps(cfg.forget_prompts),  # a prompt may hold commas
         "vdu_destination": str(cfg.destination),
-        "vdu_destination_used": destination_note(run.destination, run.cfg.destination),
+        "vdu_destination_used": "in the text encoder (vdu_text_destination)" if getattr(run, "in_text", False)
+                                else destination_note(run.destination, run.cfg.destination),
         "vdu_plasticity": str(cfg.plasticity),
         "vdu_text_destination": _text_note(run),
         "vdu_text_steps": str(cfg.text_steps),
