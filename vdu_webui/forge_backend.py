@@ -45,8 +45,7 @@ class ForgeBackend(ComfyStyleBackend):
         text-processing engine is called directly, on the checkpoint's own CLIP (no LoRA patched in)."""
         if not (torch.is_grad_enabled() and self._clip_l() is not None):
             return LDMBackend.encode_text(self, prompts)
-        from backend import memory_management as mm
-        mm.load_model_gpu(self.engine.forge_objects_original.clip.patcher)
+        self._load_clip()  # loaded by parameters() at the run's start: silent and instant while it stays
         return LDMBackend.encode_text(self, prompts, encode=self.engine.text_processing_engine)
 
     def targets(self):
@@ -59,8 +58,26 @@ class ForgeBackend(ComfyStyleBackend):
         clip_l = self._clip_l()
         if clip_l is None:
             return super().parameters()
-        _trainable_weights(clip_l)
+        self._prepare_clip(clip_l)
         return super().parameters() + list(clip_l.parameters())
+
+    def _prepare_clip(self, clip_l):
+        """At the run's start, outside inference mode: CLIP loaded, its inference tensors swapped, and its
+        embeddings cast as Forge's text engine casts them. The engine casts CLIP's token and position embeddings
+        to fp32 on every call (a no-op once they are), by swapping their data for a copy made in the mode it runs
+        in; the first call would otherwise come in inference mode, with the run's first prompts, and the weights
+        the run froze would come back as inference tensors, which cannot take requires_grad again when the run
+        restores the flags."""
+        with torch.inference_mode(False):
+            self._load_clip()
+            _trainable_weights(clip_l)
+            with torch.no_grad():
+                self.engine.text_processing_engine([""])
+
+    def _load_clip(self):
+        from backend import memory_management as mm
+        with torch.inference_mode(False):
+            mm.load_model_gpu(self._clip().patcher)  # returns at once, printing nothing, while it is loaded
 
     def _clip_l(self):
         """SD 1.x's text encoder, the transformers CLIPTextModel inside Forge's CLIP (`clip_l.transformer`), where

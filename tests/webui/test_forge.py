@@ -88,6 +88,27 @@ def test_the_script_loads_and_registers_the_unlearn_tab(webui, tab):
     assert registered(tab.blocks, "train") and registered(tab.blocks, "interrupt")
 
 
+def test_a_one_word_concept_trains_forges_text_encoder_and_its_lora_loader_applies_it(webui, tab, tmp_path, capfd):
+    """A one-word concept with a one-word anchor (the tab's fields): VDU trains deltas on Forge's own CLIP-L
+    (text_remap.py) through Forge's text-processing engine and leaves its weights as they were; sd_forge_lora
+    matches every key of the file, and `<lora:…:1>` applies it (webui_harness.check_text_lora_merges). It is the
+    first run of the module, before Forge has encoded any prompt: the run then meets CLIP's embeddings as Forge
+    loaded them (fp16 inference tensors, cast on Forge's first encode), as a user does who opens the tab first."""
+    engine = webui.shared.sd_model
+    clip = engine.forge_objects_original.clip.cond_stage_model.clip_l.transformer
+    sd = run_red_to_orange(tab, tmp_path, webui.lora, clip)
+    networks = sys.modules["networks"]
+    capfd.readouterr()
+    networks.load_lora_for_models(engine.forge_objects_original.unet, engine.forge_objects_original.clip, sd,
+                                  1.0, 1.0, filename="red-to-orange")
+    printed = capfd.readouterr().out
+    assert f"with {len(sd) // 3} keys" in printed and "(skipped 0 keys)" in printed, printed
+    assert "unmatched" not in printed, printed
+    networks.list_available_networks()
+    check_text_lora_merges(sd, clip, lambda prompt: txt2img(webui.shared, prompt),
+                           lambda prompt: engine.get_learned_conditioning([prompt]).float().clone())
+
+
 def test_a_run_from_the_tab_writes_the_lora_and_leaves_the_model_as_it_was(webui, tab, tmp_path):
     """UNet weights and a txt2img image (same seed, prompt) bit-identical after the run."""
     from safetensors import safe_open
@@ -133,25 +154,6 @@ def test_forges_lora_loader_matches_every_key_and_applies_it(webui, tab, capfd):
                                rtol=1e-3, atol=1e-6)
     assert np.array_equal(plain, txt2img(webui.shared, "a red circle"))
     assert torch.equal(get_attr(unet, name).detach(), w0)
-
-
-def test_a_one_word_concept_trains_forges_text_encoder_and_its_lora_loader_applies_it(webui, tab, tmp_path, capfd):
-    """A one-word concept with a one-word anchor (the tab's fields): VDU trains deltas on Forge's own CLIP-L
-    (text_remap.py) through Forge's text-processing engine and leaves its weights as they were; sd_forge_lora
-    matches every key of the file, and `<lora:…:1>` applies it (webui_harness.check_text_lora_merges)."""
-    engine = webui.shared.sd_model
-    clip = engine.forge_objects_original.clip.cond_stage_model.clip_l.transformer
-    sd = run_red_to_orange(tab, tmp_path, webui.lora, clip)
-    networks = sys.modules["networks"]
-    capfd.readouterr()
-    networks.load_lora_for_models(engine.forge_objects_original.unet, engine.forge_objects_original.clip, sd,
-                                  1.0, 1.0, filename="red-to-orange")
-    printed = capfd.readouterr().out
-    assert f"with {len(sd) // 3} keys" in printed and "(skipped 0 keys)" in printed, printed
-    assert "unmatched" not in printed, printed
-    networks.list_available_networks()
-    check_text_lora_merges(sd, clip, lambda prompt: txt2img(webui.shared, prompt),
-                           lambda prompt: engine.get_learned_conditioning([prompt]).float().clone())
 
 
 def test_interrupt_mid_run_writes_nothing(webui, tab, tmp_path):
