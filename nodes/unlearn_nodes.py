@@ -7,6 +7,7 @@ VALIDATE_INPUTS, so ComfyUI shows a plain message on the node instead of a trace
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -233,6 +234,7 @@ class VDUUnlearn:
 
         backend = ComfyBackend(model, clip, vae)
         result = unlearn(backend, cfg, forget["forget"], progress=progress)
+        logging.info("[vdu-unlearn] %s", result.summary())  # ComfyUI's console: what the run chose
         patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, result.lora, 1.0, 1.0)
         lora = {"state_dict": result.lora, "metadata": result.metadata}
         return (patched, lora, pil_to_image(loss_curve(result.history)), patched_clip)

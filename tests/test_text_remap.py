@@ -102,6 +102,7 @@ def test_a_vdu_run_on_the_text_encoder_reads_the_concept_as_its_destination_in_s
     assert all(k.startswith("lora_te_") for k in result.lora)  # the UNet is left as it was
     assert result.metadata["vdu_text_destination"].startswith("red read as 'blue' (the anchor)")
     assert result.metadata["vdu_destination_used"] == "in the text encoder (vdu_text_destination)"
+    assert result.summary().startswith("where the concept goes: red read as 'blue' (the anchor)")
     named, moved, other = "the cat of a red square on the dog", "the cat of a blue square on the dog", "a green cat"
     with torch.no_grad():
         frozen_named, goal, frozen_other = (backend.encode_text([p])["context"] for p in (named, moved, other))
@@ -121,3 +122,19 @@ def test_without_the_text_destination_the_run_trains_the_unet(tiny_sd1, fast_con
     phrase = unlearn(backend, fast_config())  # "a red circle" is no one word: the UNet carries it
     assert all(k.startswith("lora_unet_") for k in phrase.lora)
     assert "not one word" in phrase.metadata["vdu_text_destination"]
+
+
+def test_the_summary_says_a_word_given_alone_was_a_guess_and_how_to_choose_it():
+    from vdu_engine.train import UnlearnResult
+    guessed = UnlearnResult({}, {"vdu_text_destination": "white read as 'green' (the nearest word the model draws "
+                                 "differently from it (the captions hold the concept alone)); 0.36% of the gap left",
+                                 "vdu_destination_used": "in the text encoder (vdu_text_destination)",
+                                 "vdu_synonyms_found": "", "vdu_neighbours_held": "green, blue"})
+    assert guessed.summary() == ("where the concept goes: white read as 'green' (the nearest word the model draws "
+                                 "differently from it (the captions hold the concept alone)); it was given alone, so "
+                                 "that word is a guess: if it is not of the concept's kind, give an anchor or prompts "
+                                 "that use the concept; held: green, blue")
+    unet = UnlearnResult({}, {"vdu_text_destination": "off", "vdu_destination_used": "the caption without the concept",
+                              "vdu_synonyms_found": "crimson", "vdu_neighbours_held": "orange"})
+    assert unet.summary() == ("where the concept goes: the caption without the concept; forgotten with it: crimson; "
+                              "held: orange")

@@ -152,6 +152,7 @@ def cmd_unlearn(args) -> int:
         result.save(out, overwrite=args.overwrite)
         print(f"wrote {out} ({len(result.lora) // 3} layers, {result.metadata['vdu_steps']} steps"
               + (f", {workers.world} processes)" if workers.active else ")"))
+        print(result.summary())
     workers.barrier()
     return 0
 

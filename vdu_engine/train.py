@@ -59,6 +59,21 @@ class UnlearnResult:
     def save(self, path, overwrite: bool = False):
         return atomic_save_file(self.lora, path, self.metadata, overwrite=overwrite)
 
+    def summary(self) -> str:
+        """One line for the user, from the metadata: where the concept went, what went with it, what was held.
+        A word given alone is read as a word the run had to guess (text_remap.py): the line says how to choose it."""
+        meta = self.metadata
+        text = meta.get("vdu_text_destination", "off")
+        where = meta.get("vdu_destination_used", "") if text.startswith("off") else text.split("; ")[0]
+        parts = [f"where the concept goes: {where}"] if where else []
+        if "hold the concept alone" in text:
+            parts.append("it was given alone, so that word is a guess: if it is not of the concept's kind, give an "
+                         "anchor or prompts that use the concept")
+        for key, label in (("vdu_synonyms_found", "forgotten with it"), ("vdu_neighbours_held", "held")):
+            if meta.get(key):
+                parts.append(f"{label}: {meta[key]}")
+        return "; ".join(parts)
+
 
 def frozen(backend: Backend):
     """No gradients for the model's own weights during the run; flags restored after."""

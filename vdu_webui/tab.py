@@ -99,7 +99,7 @@ def run(p: dict):
     name = target.relative_to(host.lora_dir().resolve()).with_suffix("").as_posix()
     gallery = [] if job.interrupted else _previews(backend, result, cfg, p)
     done = (f"saved {target} in {time.perf_counter() - t0:.0f} s ({len(result.history)} steps); "
-            f"refresh the Lora tab and use <lora:{name}:1>")
+            f"refresh the Lora tab and use <lora:{name}:1>. {result.summary()}")
     return gallery, loss_curve(result.history), _message(done, ok=True)
 
 
