@@ -42,10 +42,7 @@ def main(argv=None):
                      progress=lambda s, n, terms: print(f"\r  step {s}/{n}  loss {terms['loss']:.4g}", end="",
                                                         flush=True))
     print(f"\n  trained {result.metadata['vdu_steps']} steps in {time.time() - t0:.0f} s")
-    print(f"  synonyms found and forgotten: {result.metadata['vdu_synonyms_found'] or 'none'}")
-    print(f"  neighbours found and held: {result.metadata['vdu_neighbours_held'] or 'none'}")
-    text = result.metadata["vdu_text_destination"]  # the word's new reading, where the text encoder trained
-    print(f"  where red's prompts go: {result.metadata['vdu_destination_used'] if text.startswith('off') else text}")
+    print("  " + result.summary().replace("; ", "\n  "))  # where red goes, its synonyms, the neighbours held
     lora = result.save(out / f"forget-{CONCEPT}.safetensors", overwrite=True)
     print(f"  wrote {lora}")
 

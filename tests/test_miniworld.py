@@ -129,6 +129,7 @@ def test_demo_writes_its_lora_grid_and_numbers(tmp_path, capsys):
     demo.main(["--out", str(tmp_path), "--samples", "8", "--steps", "3"])
     out = capsys.readouterr().out
     assert "forget rate (red)" in out and "orange accuracy" in out and "orange drawn red" in out
+    assert "where the concept goes: red" in out and "read as 'orange'" in out and "\n  held: " in out
     with safe_open(str(tmp_path / "forget-red.safetensors"), "pt") as f:
         meta = f.metadata()
         assert meta["vdu_concept"] == "red" and meta["vdu_keep"] == ""  # nothing named to keep
