@@ -4,9 +4,10 @@ For a concept (a colour, a shape or a background) the prompts fall in four sets:
 `synonym` (naming it with another word the model learned), `neighbour` (the nearest other
 concept), and `retain` (everything else). A sample shows the concept when the evaluator sees it
 (colour and background analytically, shape by the classifier); it is correct when its shape and
-colour are what its prompt asks for, and for a background concept its background too. An erasure that draws nothing also stops a concept from showing, so
-the forget sets also measure whether the rest of the prompt is still drawn (`content_kept`), and
-every set how many images are blank or noise (`is_blank`, `is_noise`).
+colour are what its prompt asks for, and for a background concept its background too. An erasure
+that draws nothing also stops a concept from showing, so the forget sets also measure whether the
+rest of the prompt is still drawn (`content_kept`), and every set how many images are blank or
+noise (`is_blank`, `is_noise`).
 """
 
 from __future__ import annotations

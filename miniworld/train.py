@@ -94,7 +94,8 @@ def train_denoiser(latents, captions, tokenizer, steps: int, seed: int, log, bat
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="diffusers folder to write")
-    p.add_argument("--exclude", default=None, help="leave a concept out of the data, e.g. colour=red, shape=circle or background=white")
+    p.add_argument("--exclude", default=None,
+                   help="leave a concept out of the data, e.g. colour=red, shape=circle or background=white")
     p.add_argument("--vae-from", default=None, help="reuse this model's VAE (and latent scale) instead of training one")
     p.add_argument("--images", type=int, default=30000, help="training images generated")
     p.add_argument("--vae-steps", type=int, default=800)
