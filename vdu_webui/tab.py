@@ -46,11 +46,10 @@ def _forget_set(folder: str, concept: str):
 def _config(p: dict) -> UnlearnConfig:
     return UnlearnConfig(
         objective=p["objective"], concept=p["concept"].strip(), anchor=p["anchor"].strip(), keep=keep_list(p["keep"]),
-        steps=int(p["steps"]),
-        rank=int(p["rank"]), alpha=float(int(p["rank"])), lr=float(p["lr"]), memory=p["memory"],
-        seed=int(p["seed"]), resolution=int(p["resolution"]) or None, num_images=int(p["num_images"]),
-        sample_steps=int(p["sample_steps"]), fisher_samples=int(p["fisher_samples"]), prior=p["prior"],
-        forget_prompts=prompt_lines(p["forget_prompts"]), text_destination=bool(p["text_destination"]),
+        forget_prompts=prompt_lines(p["forget_prompts"]), steps=int(p["steps"]), rank=int(p["rank"]),
+        alpha=float(int(p["rank"])), lr=float(p["lr"]), memory=p["memory"], seed=int(p["seed"]),
+        resolution=int(p["resolution"]) or None, num_images=int(p["num_images"]), sample_steps=int(p["sample_steps"]),
+        fisher_samples=int(p["fisher_samples"]), prior=p["prior"], text_destination=bool(p["text_destination"]),
         text_steps=int(p["text_steps"]),
     ).validate()
 
