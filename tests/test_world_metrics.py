@@ -155,3 +155,10 @@ def test_cells_report_breaks_the_other_sets_down_by_what_was_asked(capsys):
     assert "per shape asked: {'square': '50 / 50', 'triangle': '100 / 0'}" in capsys.readouterr().out
     report("red", {"retain": rows})
     assert "per colour asked: {'blue': '100 / 0', 'red': '50 / 50'}" in capsys.readouterr().out
+
+
+def test_the_report_shows_a_dash_where_the_world_has_no_synonym():
+    from benchmarks import quality
+    row = {"forget_rate": 0.0, "content_kept": 0.7, "neighbour_acc": 0.66, "retain_acc": 0.69, "seconds": 1, "steps": 2}
+    md = quality.markdown({"samples_per_cell": 8, "machine": "2 CPU cores", "concepts": {"white": {"vdu": row}}})
+    assert "| vdu | 0.0% | – | 70.0% | 0.0% / 0.0% | 66.0% | 69.0% | nan | 1 | 2 |" in md
