@@ -46,6 +46,7 @@ BATCH = 32  # random sequences with the concept, and as many without it, per ste
 # The run stops once the destination term is this share of its first value (a convergence tolerance: the share of
 # the gap left on the captions is measured and written to the LoRA's metadata).
 STOP_SHARE = 0.01
+ALONE = "the captions hold the concept alone"  # the reason a word alone's destination gives (UnlearnResult.summary)
 
 
 @dataclass
@@ -79,8 +80,8 @@ def plan(run) -> TextPlan:
     remapped = [concept, *_strict_synonyms(found)]
     near = nearest_words(backend, concept, CANDIDATES, remapped)
     if _alone(run, concept):  # no context tells the words of its kind: the nearest one drawn otherwise
-        return TextPlan(found.neighbours[0], remapped, "the nearest word the model draws differently from it "
-                                                       "(the captions hold the concept alone)", near)
+        why = f"the nearest word the model draws differently from it ({ALONE})"
+        return TextPlan(found.neighbours[0], remapped, why, near)
     usual = destination.plan(run)  # the UNet's destination: c⁻, or the nearest neighbour where c⁻ draws the concept
     if usual is not None and usual.mode == "neighbours":
         checked = "" if usual.share is None else f" ({usual.share:.0%} of the checked images)"

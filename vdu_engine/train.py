@@ -66,7 +66,7 @@ class UnlearnResult:
         text = meta.get("vdu_text_destination", "off")
         where = meta.get("vdu_destination_used", "") if text.startswith("off") else text.split("; ")[0]
         parts = [f"where the concept goes: {where}"] if where else []
-        if "hold the concept alone" in text:
+        if text_remap.ALONE in text:
             parts.append("it was given alone, so that word is a guess: if it is not of the concept's kind, give an "
                          "anchor or prompts that use the concept")
         for key, label in (("vdu_synonyms_found", "forgotten with it"), ("vdu_neighbours_held", "held")):
